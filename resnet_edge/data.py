@@ -1,0 +1,216 @@
+"""MNIST-format datasets: IDX parsing and verification, the bundled copy, device-resident batches.
+
+The IDX format (LeCun et al.): a big-endian header -- two zero bytes, a type code (0x08 for uint8),
+the number of dimensions -- then one uint32 per dimension and the row-major payload. Images are
+magic 0x00000803 (N x 28 x 28), labels 0x00000801 (N). Files may be gzip-compressed.
+
+This module does not import torch at import time: the inference paths read test images with numpy only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_MAGIC = 0x00000803
+LABEL_MAGIC = 0x00000801
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+# The four files of an MNIST-format dataset, by split and kind.
+FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(UserError):
+    """A dataset file is missing, malformed or corrupt; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An MNIST-format dataset held in memory as uint8 arrays."""
+
+    name: str
+    train_images: np.ndarray  # uint8 [N, 28, 28]
+    train_labels: np.ndarray  # uint8 [N]
+    test_images: np.ndarray  # uint8 [M, 28, 28]
+    test_labels: np.ndarray  # uint8 [M]
+
+    def pixel_stats(self) -> tuple[float, float]:
+        """Mean and standard deviation of the training pixels, as fractions of 255."""
+        x = self.train_images.astype(np.float64) / 255.0
+        return float(x.mean()), float(x.std())
+
+
+def bundled_dir() -> Path:
+    """The folder of the MNIST copy shipped inside the package."""
+    return Path(str(resources.files("resnet_edge") / "data"))
+
+
+def _open_payload(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise DataError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
+    return raw
+
+
+def parse_idx(payload: bytes, expected_magic: int, source: str) -> np.ndarray:
+    """Parse an uncompressed IDX payload, checking magic number, dimensions and length."""
+    if len(payload) < 8:
+        raise DataError(f"{source}: too short to be an IDX file ({len(payload)} bytes)")
+    magic, = struct.unpack(">I", payload[:4])
+    if magic != expected_magic:
+        raise DataError(f"{source}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(payload) < header:
+        raise DataError(f"{source}: header truncated")
+    dims = struct.unpack(f">{ndim}I", payload[4:header])
+    if expected_magic == IMAGE_MAGIC and tuple(dims[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{source}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    expected = int(np.prod(dims))
+    got = len(payload) - header
+    if got != expected:
+        raise DataError(f"{source}: payload has {got} bytes, header promises {expected} (truncated or padded)")
+    return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{data_dir}: missing {stem} (or {stem}.gz)")
+
+
+def _read_checksums(data_dir: Path) -> dict[str, str]:
+    sums = data_dir / "SHA256SUMS"
+    if not sums.is_file():
+        return {}
+    table = {}
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            table[parts[1].lstrip("*")] = parts[0].lower()
+    return table
+
+
+def load_dataset(data_dir: str | Path | None = None) -> Dataset:
+    """Load the four IDX files of ``data_dir`` (default: the bundled MNIST).
+
+    When the folder has a SHA256SUMS file (the bundled copy has), the SHA-256 of every uncompressed
+    payload listed there is verified, so the data is checked whatever compression it arrives in.
+    """
+    folder = Path(data_dir) if data_dir is not None else bundled_dir()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory")
+    checksums = _read_checksums(folder)
+    arrays: dict[tuple[str, str], np.ndarray] = {}
+    for (split, kind), stem in FILES.items():
+        path = _find(folder, stem)
+        payload = _open_payload(path)
+        expected = checksums.get(stem)
+        if expected is not None:
+            digest = hashlib.sha256(payload).hexdigest()
+            if digest != expected:
+                raise DataError(f"{path}: SHA-256 of the payload is {digest[:16]}..., expected {expected[:16]}... (corrupt file)")
+        magic = IMAGE_MAGIC if kind == "images" else LABEL_MAGIC
+        arrays[split, kind] = parse_idx(payload, magic, str(path))
+    for split in ("train", "test"):
+        n_img, n_lab = len(arrays[split, "images"]), len(arrays[split, "labels"])
+        if n_img != n_lab:
+            raise DataError(f"{folder}: {split} split has {n_img} images but {n_lab} labels")
+        if n_img == 0:
+            raise DataError(f"{folder}: {split} split is empty")
+        if arrays[split, "labels"].max() >= NUM_CLASSES:
+            raise DataError(f"{folder}: {split} labels go up to {arrays[split, 'labels'].max()}, expected 0-9")
+    name = "mnist" if data_dir is None else folder.name
+    return Dataset(name, arrays["train", "images"], arrays["train", "labels"],
+                   arrays["test", "images"], arrays["test", "labels"])
+
+
+def load_test_split(data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Test images as float32 [N, 1, 28, 28] in [0, 1] and int64 labels: the ONNX input contract."""
+    ds = load_dataset(data_dir)
+    return to_pixels(ds.test_images), ds.test_labels.astype(np.int64)
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[:, None]
+
+
+class DeviceBatches:
+    """The whole split as one uint8 tensor on the training device, cut into shuffled batches there.
+
+    Each batch is converted to float and augmented as a whole batch with one affine_grid /
+    grid_sample call (small rotations, scalings and shifts; never flips: a mirrored 2 is not a 2),
+    so the training loop runs no per-sample Python.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: "torch.device",
+                 generator: "torch.Generator", augment: bool = True, drop_last: bool = True) -> None:
+        import torch
+
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.labels = torch.from_numpy(labels.astype(np.int64)).to(device)
+        self.batch_size = batch_size
+        self.device = device
+        self.generator = generator
+        self.augment = augment
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+        import torch
+
+        order = torch.randperm(len(self.images), device=self.device, generator=self.generator)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx].unsqueeze(1).float().div_(255.0)
+            if self.augment:
+                x = random_affine(x, self.generator)
+            yield x, self.labels[idx]
+
+
+def random_affine(x: "torch.Tensor", generator: "torch.Generator", max_degrees: float = 10.0,
+                  max_scale: float = 0.1, max_shift: float = 0.1) -> "torch.Tensor":
+    """Random rotation, scaling and shift per image, applied to the batch in one grid_sample."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    r = torch.rand(n, 4, device=x.device, generator=generator) * 2 - 1  # uniform in [-1, 1]
+    angle = r[:, 0] * math.radians(max_degrees)
+    scale = 1 + r[:, 1] * max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, r[:, 2] * max_shift * 2], 1),
+                         torch.stack([sin, cos, r[:, 3] * max_shift * 2], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,71 @@
+"""Files written whole or not at all, and the run folders that hold one model's artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+EXPORTED = Path("exported")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success fsync it and move it over ``path``.
+
+    On any exception (Ctrl-C included) the temporary file is removed and ``path`` keeps its old
+    content, so a reader never sees a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def run_dir_for(arch: str, base: Path = EXPORTED) -> Path:
+    return base / arch
+
+
+def latest_run(base: Path = EXPORTED) -> Path | None:
+    """The run folder whose training finished last (newest train.json), if any."""
+    runs = [p.parent for p in base.glob("*/train.json")]
+    return max(runs, key=lambda p: (p / "train.json").stat().st_mtime, default=None)
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and check that files can be created in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write to this folder ({exc.strerror or exc})") from None
