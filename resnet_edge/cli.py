@@ -158,3 +158,238 @@ def models_cli() -> None:
         table.add_row(name, spec.family, f"{count_parameters(model):,}", f"{macs / 1e6:,.1f}", f"{2 * macs / 1e6:,.1f}")
     console.print(table)
     console.print("MFLOPs = 2 x multiply-accumulates of convolutions and linear layers.", style="dim")
+
+
+# --------------------------------------------------------------------------------------------- export
+def _progress_factory(quiet: bool):
+    """A rich Progress and a function that opens one bar and returns its advance callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True, disable=quiet)
+
+    def open_bar(description: str, total: int):
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.update(task, advance=n)
+
+    return progress, open_bar
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command("export")
+@user_errors
+def export_cli(
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    quantize: bool = typer.Option(False, "--quantize", help="Also write a static INT8 model (QDQ) and prove its accuracy."),
+    calibration_size: int = typer.Option(512, help="Training images to calibrate activation ranges on."),
+    calibration_method: str = typer.Option("minmax", help="minmax | entropy | percentile"),
+    max_accuracy_drop: float = typer.Option(0.1, help="Points of test accuracy INT8 may lose; worse layers stay float."),
+    activation_type: str = typer.Option("int8", help="int8 (S8S8) | uint8 (U8S8) activations."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
+    from .quantize import QuantizationConfig
+
+    qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
+                                 max_accuracy_drop=max_accuracy_drop, activation_type=activation_type)
+    if not 7 <= opset <= 25:
+        raise UserError(f"--opset must be between 7 and 25, got {opset}")
+    run_dir = _resolve_run(run)
+    from .export import export_run
+
+    progress, open_bar = _progress_factory(quiet)
+    with progress:
+        report = export_run(run_dir, opset=opset, quantize=quantize, qconfig=qconfig, progress=open_bar)
+    table = Table(title=f"{report['arch']} export ({run_dir})")
+    for col in ("model", "test accuracy", "agreement with FP32", "size", "parity max |diff|"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    worst = max(p["max_abs_diff"] for p in report["parity"])
+    fp32 = report["fp32"]
+    table.add_row("FP32  " + Path(fp32["path"]).name, f"{100 * fp32['test_accuracy']:.2f} %", "-",
+                  _size(fp32["bytes"]), f"{worst:.2e} (batch {', '.join(str(p['batch_size']) for p in report['parity'])})")
+    if "int8" in report:
+        q = report["int8"]
+        table.add_row("INT8  " + Path(q["path"]).name, f"{100 * q['test_accuracy']:.2f} %",
+                      f"{100 * q['top1_agreement']:.2f} %", f"{_size(q['bytes'])} ({100 * q['size_ratio']:.0f} %)",
+                      f"SQNR {q['logits_sqnr_db']:.1f} dB")
+    console.print(table)
+    if "int8" in report and report["int8"]["float_nodes"]:
+        console.print(f"accuracy guard kept {len(report['int8']['float_nodes'])} nodes in float", highlight=False)
+    console.print(f"exported in {report['seconds']:.1f} s -> {run_dir / 'export.json'}", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+@user_errors
+def eval_cli(
+    model: Optional[Path] = typer.Argument(None, help="A .onnx or .pt file (default: the run's models)."),
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider (cpu, cuda, or a full name)."),
+    data_dir: Optional[Path] = typer.Option(None, help="MNIST-format folder (default: the bundled MNIST)."),
+    batch_size: int = typer.Option(500, help="Images per inference call."),
+) -> None:
+    """Test accuracy and images/s of a model (.onnx through ONNX Runtime, no torch; .pt through PyTorch)."""
+    from .evaluate import evaluate_file
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if model is not None:
+        paths = [model]
+    else:
+        run_dir = _resolve_run(run)
+        paths = [p for p in (run_dir / "checkpoint.pt", run_dir / "model.onnx", run_dir / "model.int8.onnx") if p.exists()]
+    table = Table(title="test accuracy")
+    for col in ("model", "runtime", "test accuracy", "images/s"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for path in paths:
+        r = evaluate_file(path, provider=provider, data_dir=data_dir, batch_size=batch_size)
+        table.add_row(str(path), r["runtime"], f"{100 * r['accuracy']:.2f} %", f"{r['images_per_second']:,.0f}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers like 1,8,64, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+@app.command("bench")
+@user_errors
+def bench_cli(
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt or a full name."),
+    batch_sizes: str = typer.Option("1,8,64,256", help="Comma-separated batch sizes."),
+    duration: float = typer.Option(2.0, help="Timed seconds per cell (at least 200 runs each)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and torch (default: the runtime's)."),
+    no_torch: bool = typer.Option(False, "--no-torch", help="Skip PyTorch (and never import it)."),
+    min_runs: int = typer.Option(200, help="Timed runs per cell, whatever the duration."),
+    out: Optional[Path] = typer.Option(None, help="Folder for bench.json/.md/.png (default: the run folder)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Latency and throughput of PyTorch eager vs ONNX Runtime FP32 vs INT8, with the machine described."""
+    from .bench import BenchConfig, run_bench, write_reports
+    from .files import ensure_writable_dir
+
+    config = BenchConfig(provider=provider, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), duration=duration,
+                         threads=threads, torch=not no_torch, min_runs=max(1, min_runs))
+    run_dir = _resolve_run(run)
+    out_dir = out or run_dir
+    ensure_writable_dir(out_dir)
+    progress, open_bar = _progress_factory(quiet)
+    with progress:
+        report = run_bench(run_dir, config, progress=open_bar)
+    write_reports(report, out_dir)
+    _print_bench(report)
+    console.print(f"-> {out_dir / 'bench.json'}, bench.md, bench.png", highlight=False)
+
+
+def _print_bench(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    table = Table(title=f"{report['arch']} on {report['provider']}: {m['cpu']}" + (f" / {m['gpu']}" if m["gpu"] else ""))
+    for col in ("variant", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "INT8 vs FP32"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    speed = {(r["variant"], r["baseline"], r["batch_size"]): r["speedup_p50"] for r in report["ratios"]}
+    for r in report["rows"]:
+        vs_torch = speed.get((r["variant"], "torch", r["batch_size"]))
+        vs_fp32 = speed.get((r["variant"], "onnx-fp32", r["batch_size"]))
+        table.add_row(r["variant"], str(r["batch_size"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                      f"{r['throughput']:,.0f}", f"{vs_torch:.2f}x" if vs_torch else "",
+                      f"{vs_fp32:.2f}x" if vs_fp32 else "")
+    console.print(table)
+    for d in report["diagnoses"]:
+        console.print(f"note: {d}", highlight=False, style="yellow")
+
+
+# ------------------------------------------------------------------------------------- serve, predict
+def _resolve_model(run: Optional[Path], model: Optional[Path]) -> Path:
+    """--model PATH, else the run's INT8 model, else its FP32 model."""
+    if run is not None and model is not None:
+        raise UserError("give --run or --model, not both")
+    if model is not None:
+        return model
+    run_dir = _resolve_run(run)
+    for name in ("model.int8.onnx", "model.onnx"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise UserError(f"{run_dir}: no model.int8.onnx or model.onnx (run `resnet-edge export --quantize` first)")
+
+
+@app.command("serve")
+@user_errors
+def serve_cli(
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
+    model: Optional[Path] = typer.Option(None, help="An .onnx model (default: the run's INT8 model)."),
+    model_name: Optional[str] = typer.Option(None, help="Name in the URLs (default: the architecture)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+    max_batch_size: int = typer.Option(64, help="Most rows per ONNX Runtime call (1 turns batching off)."),
+    max_delay_ms: float = typer.Option(2.0, help="How long a request waits for others to batch with."),
+    max_body_bytes: int = typer.Option(8 * 2**20, help="Larger request bodies get 413."),
+    max_queue: int = typer.Option(2048, help="Queued requests beyond this get 503."),
+) -> None:
+    """Serve the model over HTTP: Open Inference Protocol (KServe v2) and /v1/predict for image files."""
+    from .serve import ServerConfig, serve
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {port}")
+    path = _resolve_model(run, model)
+    name = model_name
+    if name is None:
+        from .runtime import check_model_file
+
+        props = {p.key: p.value for p in check_model_file(path).metadata_props}
+        name = props.get("architecture") or path.stem.split(".")[0]
+    config = ServerConfig(model_path=path, model_name=name, provider=provider, threads=threads,
+                          max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                          max_body_bytes=max_body_bytes)
+    err_console.print(f"serving {path} as {name!r} on http://{host}:{port}/v2/models/{name} "
+                      f"(max batch {max_batch_size}, max delay {max_delay_ms} ms)", highlight=False)
+    serve(config, host=host, port=port)
+
+
+@app.command("predict")
+@user_errors
+def predict_cli(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) of single digits."),
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
+    model: Optional[Path] = typer.Option(None, help="An .onnx model (default: the run's INT8 model)."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {path, digit, probabilities}."),
+) -> None:
+    """Classify image files with the same MNIST-style preprocessing as the server's /v1/predict."""
+    import json
+
+    import numpy as np
+
+    from .preprocess import image_to_pixels
+    from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, softmax
+
+    session = create_session(_resolve_model(run, model), provider)
+    results = []
+    for path in images:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        try:
+            pixels = image_to_pixels(data)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        probs = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])[0]
+        results.append({"path": str(path), "digit": int(np.argmax(probs)), "probabilities": [round(float(p), 6) for p in probs]})
+    if as_json:
+        print(json.dumps(results))
+        return
+    for r in results:
+        console.print(f"{r['path']}: {r['digit']} ({100 * max(r['probabilities']):.1f} %)", highlight=False)

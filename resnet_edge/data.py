@@ -116,18 +116,10 @@ def _read_checksums(data_dir: Path) -> dict[str, str]:
     return table
 
 
-def load_dataset(data_dir: str | Path | None = None) -> Dataset:
-    """Load the four IDX files of ``data_dir`` (default: the bundled MNIST).
-
-    When the folder has a SHA256SUMS file (the bundled copy has), the SHA-256 of every uncompressed
-    payload listed there is verified, so the data is checked whatever compression it arrives in.
-    """
-    folder = Path(data_dir) if data_dir is not None else bundled_dir()
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a directory")
-    checksums = _read_checksums(folder)
-    arrays: dict[tuple[str, str], np.ndarray] = {}
-    for (split, kind), stem in FILES.items():
+def _load_split(folder: Path, split: str, checksums: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    arrays = {}
+    for kind in ("images", "labels"):
+        stem = FILES[split, kind]
         path = _find(folder, stem)
         payload = _open_payload(path)
         expected = checksums.get(stem)
@@ -135,25 +127,43 @@ def load_dataset(data_dir: str | Path | None = None) -> Dataset:
             digest = hashlib.sha256(payload).hexdigest()
             if digest != expected:
                 raise DataError(f"{path}: SHA-256 of the payload is {digest[:16]}..., expected {expected[:16]}... (corrupt file)")
-        magic = IMAGE_MAGIC if kind == "images" else LABEL_MAGIC
-        arrays[split, kind] = parse_idx(payload, magic, str(path))
-    for split in ("train", "test"):
-        n_img, n_lab = len(arrays[split, "images"]), len(arrays[split, "labels"])
-        if n_img != n_lab:
-            raise DataError(f"{folder}: {split} split has {n_img} images but {n_lab} labels")
-        if n_img == 0:
-            raise DataError(f"{folder}: {split} split is empty")
-        if arrays[split, "labels"].max() >= NUM_CLASSES:
-            raise DataError(f"{folder}: {split} labels go up to {arrays[split, 'labels'].max()}, expected 0-9")
+        arrays[kind] = parse_idx(payload, IMAGE_MAGIC if kind == "images" else LABEL_MAGIC, str(path))
+    images, labels = arrays["images"], arrays["labels"]
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {split} split has {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"{folder}: {split} split is empty")
+    if labels.max() >= NUM_CLASSES:
+        raise DataError(f"{folder}: {split} labels go up to {labels.max()}, expected 0-9")
+    return images, labels
+
+
+def _folder(data_dir: str | Path | None) -> Path:
+    folder = Path(data_dir) if data_dir is not None else bundled_dir()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory")
+    return folder
+
+
+def load_dataset(data_dir: str | Path | None = None) -> Dataset:
+    """Load the four IDX files of ``data_dir`` (default: the bundled MNIST).
+
+    When the folder has a SHA256SUMS file (the bundled copy has), the SHA-256 of every uncompressed
+    payload listed there is verified, so the data is checked whatever compression it arrives in.
+    """
+    folder = _folder(data_dir)
+    checksums = _read_checksums(folder)
+    train_images, train_labels = _load_split(folder, "train", checksums)
+    test_images, test_labels = _load_split(folder, "test", checksums)
     name = "mnist" if data_dir is None else folder.name
-    return Dataset(name, arrays["train", "images"], arrays["train", "labels"],
-                   arrays["test", "images"], arrays["test", "labels"])
+    return Dataset(name, train_images, train_labels, test_images, test_labels)
 
 
 def load_test_split(data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Test images as float32 [N, 1, 28, 28] in [0, 1] and int64 labels: the ONNX input contract."""
-    ds = load_dataset(data_dir)
-    return to_pixels(ds.test_images), ds.test_labels.astype(np.int64)
+    folder = _folder(data_dir)
+    images, labels = _load_split(folder, "test", _read_checksums(folder))
+    return to_pixels(images), labels.astype(np.int64)
 
 
 def to_pixels(images: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     warmup_fraction: float = 0.2  # share of the steps spent ramping the learning rate up
     augment: bool = True  # random rotation / scale / shift per batch, on the device
+    clean_epochs: int = 1  # last epochs without augmentation, so the model ends on the test distribution
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on CUDA, and on CPUs with AMX)
@@ -64,6 +65,8 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.clean_epochs < 0:
+            raise UserError(f"clean_epochs must be >= 0, got {self.clean_epochs}")
         if self.amp not in ("auto", "bf16", "off"):
             raise UserError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
 
@@ -260,6 +263,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, reporter:
 
     for epoch in range(start_epoch, config.epochs):
         reporter.epoch_start(epoch + 1, config.epochs, len(batches))
+        batches.augment = config.augment and epoch < config.epochs - config.clean_epochs
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)

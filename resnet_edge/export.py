@@ -1,0 +1,237 @@
+"""PyTorch -> ONNX to the model contract, with the checks that prove the file is faithful.
+
+The contract (DESIGN.md): input ``pixels`` float32 [batch, 1, 28, 28] in [0, 1], normalization inside
+the graph; output ``logits`` float32 [batch, 10]; a dynamic batch dimension; metadata_props that
+describe the model. Every export is checked with onnx's full checker and against PyTorch on real test
+images at several batch sizes; a model that fails is never left on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .data import IMAGE_SIZE, NUM_CLASSES
+from .errors import UserError
+from .files import atomic_path
+from .runtime import INPUT_NAME, OUTPUT_NAME, create_session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+PARITY_BATCH_SIZES = (1, 7, 64)
+PARITY_ATOL = 1e-4
+
+
+class ParityError(UserError):
+    """The ONNX model does not reproduce PyTorch; the message gives shape and value failures apart."""
+
+
+@dataclass
+class ParityResult:
+    batch_size: int
+    max_abs_diff: float
+    top1_equal: bool
+    shape_ok: bool
+    expected_shape: list[int]
+    got_shape: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return self.shape_ok and self.top1_equal and self.max_abs_diff <= PARITY_ATOL
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with every BatchNorm folded into the convolution before it.
+
+    Our blocks pair ``convN`` with ``bnN`` on the same parent, and shortcuts are Sequential(conv, bn).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            for a, b in zip(names, names[1:]):
+                if isinstance(children[a], nn.Conv2d) and isinstance(children[b], nn.BatchNorm2d):
+                    setattr(parent, a, fuse_conv_bn_eval(children[a], children[b]))
+                    setattr(parent, b, nn.Identity())
+            continue
+        for name, child in children.items():
+            if isinstance(child, nn.Conv2d) and name.startswith("conv"):
+                bn = children.get("bn" + name[len("conv"):])
+                if isinstance(bn, nn.BatchNorm2d):
+                    setattr(parent, name, fuse_conv_bn_eval(child, bn))
+                    setattr(parent, "bn" + name[len("conv"):], nn.Identity())
+    remaining = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if remaining:
+        raise RuntimeError(f"BatchNorm layers left unfolded: {remaining}")
+    return model
+
+
+def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Export with the maintained dynamo exporter and a dynamic batch dimension."""
+    # An example batch of 2: with 1 the exporter may specialize the batch dimension to a constant.
+    example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        opset_version=opset, optimize=True, verbose=False, external_data=False)
+        except Exception as exc:
+            raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0][:200]}") from None
+    proto = program.model_proto
+    # The exporter names the batch dimension after the Dim; give it the contract's name.
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray,
+                 batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES) -> list[ParityResult]:
+    """Run PyTorch and ONNX Runtime (CPU) on the same images at each batch size and compare."""
+    session = create_session(onnx_path, "cpu")
+    results = []
+    model = model.eval()
+    for bs in batch_sizes:
+        x = images[:bs]
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        shape_ok = got.shape == expected.shape
+        diff = float(np.abs(got - expected).max()) if shape_ok else float("inf")
+        top1 = bool(shape_ok and (got.argmax(1) == expected.argmax(1)).all())
+        results.append(ParityResult(bs, diff, top1, shape_ok, list(expected.shape), list(got.shape)))
+    return results
+
+
+def parity_failure_message(results: list[ParityResult]) -> str | None:
+    shape_fail = [r for r in results if not r.shape_ok]
+    value_fail = [r for r in results if r.shape_ok and not r.ok]
+    parts = []
+    if shape_fail:
+        parts.append("shape failures: " + ", ".join(
+            f"batch {r.batch_size}: expected {r.expected_shape}, got {r.got_shape}" for r in shape_fail))
+    if value_fail:
+        worst = max(value_fail, key=lambda r: r.max_abs_diff)
+        parts.append("value failures: " + ", ".join(
+            f"batch {r.batch_size}: max |diff| {r.max_abs_diff:.3g}{'' if r.top1_equal else ', top-1 differs'}"
+            for r in value_fail) + f" (largest {worst.max_abs_diff:.3g}, tolerance {PARITY_ATOL:g})")
+    return "; ".join(parts) or None
+
+
+def metadata(arch: str, checkpoint_sha256: str, test_accuracy: float | None, mean: float, std: float,
+             versions: dict[str, str]) -> dict[str, str]:
+    return {
+        "labels": json.dumps([str(i) for i in range(NUM_CLASSES)]),
+        "architecture": arch,
+        "input": json.dumps({"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, IMAGE_SIZE, IMAGE_SIZE],
+                             "range": [0.0, 1.0], "layout": "NCHW",
+                             "description": "grayscale intensities in [0, 1], white digit on black as in MNIST; "
+                                            "normalization is inside the graph"}),
+        "output": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", NUM_CLASSES]}),
+        "normalization": json.dumps({"mean": mean, "std": std}),
+        "test_accuracy": "" if test_accuracy is None else f"{test_accuracy:.6f}",
+        "source_checkpoint_sha256": checkpoint_sha256,
+        "versions": json.dumps(versions),
+        "producer": "resnet-edge",
+    }
+
+
+def export_onnx(model: nn.Module, out_path: Path, images: np.ndarray, meta: dict[str, str],
+                opset: int = DEFAULT_OPSET) -> list[ParityResult]:
+    """Fold BatchNorm, export, check (full checker + parity against the unfolded model), then move
+    the file into place. On any failure nothing is left at ``out_path``'s place (an old file stays)."""
+    folded = fold_batchnorm(model)
+    proto = to_onnx(folded, opset)
+    onnx.helper.set_model_props(proto, meta)
+    with atomic_path(out_path) as tmp:
+        onnx.save(proto, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise UserError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0][:200]}") from None
+        results = check_parity(model, tmp, images)
+        message = parity_failure_message(results)
+        if message:
+            raise ParityError(f"ONNX model does not match PyTorch: {message}; no model was written")
+    return results
+
+
+FP32_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+EXPORT_REPORT = "export.json"
+
+
+def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = False,
+               qconfig: Any = None, progress: Any = None) -> dict[str, Any]:
+    """The `export` stage: checkpoint.pt -> model.onnx (checked) [-> model.int8.onnx (guarded)] + export.json."""
+    import time
+
+    from .data import load_dataset, to_pixels
+    from .files import write_json
+    from .quantize import QuantizationConfig, quantize_model
+    from .train import CHECKPOINT, file_sha256, load_checkpoint, model_from_checkpoint, versions
+
+    t0 = time.perf_counter()
+    ckpt_path = run_dir / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    config = ckpt["config"]
+    dataset = load_dataset(config.get("data_dir"))
+    test_pixels, test_labels = to_pixels(dataset.test_images), dataset.test_labels.astype(np.int64)
+    history = ckpt.get("history") or []
+    checkpoint_accuracy = history[-1]["test_accuracy"] if history else None
+    mean, std = float(model.normalize.mean.item()), float(model.normalize.std.item())
+    meta = metadata(config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions())
+    fp32_path = run_dir / FP32_NAME
+    parity = export_onnx(model, fp32_path, test_pixels[:max(PARITY_BATCH_SIZES)], meta, opset)
+    log.info("wrote %s (%d bytes) in %.1f s", fp32_path, fp32_path.stat().st_size, time.perf_counter() - t0)
+    report: dict[str, Any] = {
+        "arch": config["arch"],
+        "checkpoint": {"path": str(ckpt_path), "sha256": meta["source_checkpoint_sha256"],
+                       "test_accuracy": checkpoint_accuracy},
+        "fp32": {"path": str(fp32_path), "bytes": fp32_path.stat().st_size},
+        "parity": [{"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal}
+                   for r in parity],
+        "parity_tolerance": PARITY_ATOL,
+        "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize},
+        "versions": versions(),
+    }
+    if quantize:
+        qconfig = qconfig or QuantizationConfig()
+        int8_path = run_dir / INT8_NAME
+        q = quantize_model(fp32_path, int8_path, to_pixels(dataset.train_images), test_pixels, test_labels,
+                           qconfig, progress=progress, metadata=meta)
+        report["fp32"].update(test_accuracy=q["fp32_accuracy"], images_per_second=q["fp32_images_per_second"])
+        report["int8"] = {
+            "path": str(int8_path), "bytes": int8_path.stat().st_size, "test_accuracy": q["int8_accuracy"],
+            "top1_agreement": q["top1_agreement"], "accuracy_drop_points": q["accuracy_drop_points"],
+            "logits_sqnr_db": q["logits_sqnr_db"], "images_per_second": q["int8_images_per_second"],
+            "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
+            "float_nodes": q["excluded_nodes"], "quantizable_nodes": q["quantizable_nodes"],
+            "guard_rounds": q["rounds"],
+        }
+        report["settings"]["quantization"] = {**asdict(qconfig), "format": "QDQ", "weight_type": "int8",
+                                              "calibration_images": q["calibration_images"]}
+    else:
+        from .runtime import evaluate_session
+
+        fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels)
+        report["fp32"].update(test_accuracy=fp32.accuracy, images_per_second=fp32.images_per_second)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(run_dir / EXPORT_REPORT, report)
+    return report

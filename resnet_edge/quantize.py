@@ -1,0 +1,199 @@
+"""Static INT8 quantization with onnxruntime.quantization, guarded by test accuracy.
+
+Recipe (ONNX Runtime's recommendation for x86): pre-processing (shape inference + graph
+optimization), QDQ format, signed int8 weights per output channel, signed int8 activations calibrated on
+training images. Both models are then evaluated on the whole test set; when INT8 loses more than
+``max_accuracy_drop`` points, the layers whose activations are quantized worst (signal-to-quantization
+noise, onnxruntime's qdq_loss_debug) are kept in float, more of them each round, until the guard holds.
+No torch here: quantization and its checks run on ONNX Runtime alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import UserError
+from .files import atomic_path
+from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, evaluate_session
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "entropy", "percentile")
+
+
+class AccuracyGuardError(UserError):
+    """INT8 loses more accuracy than allowed even with layers kept in float."""
+
+
+@dataclass
+class QuantizationConfig:
+    calibration_size: int = 512  # training images the activation ranges are calibrated on
+    method: str = "minmax"  # minmax | entropy | percentile
+    activation_type: str = "int8"  # int8 (S8S8, ORT's default for x86 QDQ) | uint8 (U8S8)
+    per_channel: bool = True  # one weight scale per output channel
+    max_accuracy_drop: float = 0.1  # points of test accuracy INT8 may lose against FP32
+    calibration_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.calibration_size < 1:
+            raise UserError(f"--calibration-size must be at least 1, got {self.calibration_size}")
+        if self.activation_type not in ("int8", "uint8"):
+            raise UserError(f"activation type must be int8 or uint8, got {self.activation_type!r}")
+        if self.max_accuracy_drop < 0:
+            raise UserError(f"--max-accuracy-drop must be >= 0 points, got {self.max_accuracy_drop}")
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over an array of images, with a progress hook."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, progress: Callable[[int], None] | None = None) -> None:
+        self.images, self.batch_size, self.progress = images, batch_size, progress
+        self._it: Iterator[dict[str, np.ndarray]] = self._gen()
+
+    def _gen(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self.images), self.batch_size):
+            batch = self.images[i:i + self.batch_size]
+            if self.progress:
+                self.progress(len(batch))
+            yield {INPUT_NAME: batch}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = self._gen()
+
+
+def calibration_images(train_pixels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded random subset of the training images (never test images: they judge the result)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(train_pixels), size=min(size, len(train_pixels)), replace=False)
+    return np.ascontiguousarray(train_pixels[np.sort(idx)])
+
+
+def _quantize(pre_path: Path, out_path: Path, calib: np.ndarray, config: QuantizationConfig,
+              exclude: list[str], progress: Callable[[int], None] | None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.method]
+    act = QuantType.QInt8 if config.activation_type == "int8" else QuantType.QUInt8
+    quantize_static(str(pre_path), str(out_path), _Batches(calib, config.calibration_batch_size, progress),
+                    quant_format=QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
+                    weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude or None,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def sensitivity_ranking(pre_path: Path, qdq_path: Path, images: np.ndarray, workdir: Path) -> list[tuple[str, float]]:
+    """Tensors of the float model ranked worst first by the SNR (dB) of their quantize-dequantize."""
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    aug_float, aug_qdq = workdir / "aug_float.onnx", workdir / "aug_qdq.onnx"
+    modify_model_output_intermediate_tensors(str(pre_path), str(aug_float))
+    modify_model_output_intermediate_tensors(str(qdq_path), str(aug_qdq))
+    float_acts = collect_activations(str(aug_float), _Batches(images, 64))
+    qdq_acts = collect_activations(str(aug_qdq), _Batches(images, 64))
+    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    ranked = [(name, float(e["qdq_err"])) for name, e in errors.items() if "qdq_err" in e]
+    return sorted(ranked, key=lambda t: t[1])
+
+
+def _nodes_touching(model_path: Path, tensors: list[str]) -> list[str]:
+    """Names of the nodes that produce or consume ``tensors``: keeping them float keeps the tensor float."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    wanted, names = set(tensors), []
+    for node in graph.node:
+        if wanted & (set(node.output) | set(node.input)) and node.name not in names:
+            names.append(node.name)
+    return names
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - test) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(signal / noise)
+
+
+def quantize_model(fp32_path: Path, out_path: Path, train_pixels: np.ndarray, test_pixels: np.ndarray,
+                   test_labels: np.ndarray, config: QuantizationConfig,
+                   progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
+                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Quantize ``fp32_path`` to ``out_path`` and prove the accuracy; returns the figures for export.json.
+
+    ``progress(description, total, ...)`` returns a callback advanced by images done. On failure
+    nothing is written at ``out_path``.
+    """
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    def bar(description: str, total: int) -> Callable[[int], None] | None:
+        return progress(description, total) if progress else None
+
+    calib = calibration_images(train_pixels, config.calibration_size, config.seed)
+    fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels,
+                            progress=bar("evaluate FP32", len(test_pixels)))
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
+        work = Path(tmp)
+        pre = work / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantizable = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        exclude: list[str] = []
+        ranking: list[tuple[str, float]] | None = None
+        rounds = []
+        keep_float = 0
+        while True:
+            candidate = work / f"int8-{len(rounds)}.onnx"
+            _quantize(pre, candidate, calib, config, exclude, bar("calibrate", len(calib)))
+            int8 = evaluate_session(create_session(candidate, "cpu"), test_pixels, test_labels,
+                                    progress=bar("evaluate INT8", len(test_pixels)))
+            drop = 100 * (fp32.accuracy - int8.accuracy)
+            rounds.append({"excluded_nodes": list(exclude), "int8_accuracy": int8.accuracy, "drop_points": drop})
+            log.info("INT8 accuracy %.4f (drop %.3f points) with %d nodes in float", int8.accuracy, drop, len(exclude))
+            if drop <= config.max_accuracy_drop + 1e-9:
+                break
+            if ranking is None:
+                ranking = sensitivity_ranking(pre, candidate, calib[:128], work)
+            keep_float = max(1, 2 * keep_float)
+            new_exclude = _nodes_touching(pre, [name for name, _ in ranking[:keep_float]])
+            if keep_float > len(ranking) or set(quantizable) <= set(new_exclude) or new_exclude == exclude:
+                raise AccuracyGuardError(
+                    f"INT8 loses {drop:.2f} points of test accuracy ({100 * fp32.accuracy:.2f} % -> "
+                    f"{100 * int8.accuracy:.2f} %), more than --max-accuracy-drop {config.max_accuracy_drop:g}, "
+                    f"even with {len(exclude)} of {len(quantizable)} quantizable layers kept in float; "
+                    "no INT8 model was written")
+            exclude = new_exclude
+        model = onnx.load(str(candidate))
+        props = dict(metadata or {})
+        props["quantization"] = json.dumps({**asdict(config), "format": "QDQ", "weight_type": "int8",
+                                            "excluded_nodes": exclude})
+        onnx.helper.set_model_props(model, props)
+        with atomic_path(out_path) as final:
+            onnx.save(model, str(final))
+    agreement = float((int8.predictions == fp32.predictions).mean())
+    return {
+        "fp32_accuracy": fp32.accuracy,
+        "fp32_images_per_second": fp32.images_per_second,
+        "int8_accuracy": int8.accuracy,
+        "int8_images_per_second": int8.images_per_second,
+        "accuracy_drop_points": 100 * (fp32.accuracy - int8.accuracy),
+        "top1_agreement": agreement,
+        "logits_sqnr_db": sqnr_db(fp32.logits, int8.logits),
+        "excluded_nodes": exclude,
+        "quantizable_nodes": len(quantizable),
+        "rounds": rounds,
+        "calibration_images": len(calib),
+    }

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from resnet_edge.cli import app
+from resnet_edge.data import load_test_split
+from resnet_edge.export import export_run
+from resnet_edge.quantize import AccuracyGuardError, QuantizationConfig, quantize_model
+from resnet_edge.runtime import ModelFileError, create_session
+from resnet_edge.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+runner = CliRunner()
+
+
+def _error_line(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_real_mnist_end_to_end(trained_run):
+    """The default suite's one real run: resnet8, 1 epoch, full MNIST; then export --quantize."""
+    run, report, export = trained_run
+    assert report["test_accuracy"] >= 0.98
+    assert all(p["max_abs_diff"] <= 1e-4 and p["top1_equal"] for p in export["parity"])
+    assert [p["batch_size"] for p in export["parity"]] == [1, 7, 64]
+    # The ONNX model reproduces the checkpoint's accuracy; INT8 keeps it within the guard.
+    assert abs(export["fp32"]["test_accuracy"] - report["test_accuracy"]) <= 0.0005
+    assert export["int8"]["accuracy_drop_points"] <= 0.1 + 1e-9
+    assert export["int8"]["top1_agreement"] >= 0.99
+    saved = json.loads((run / "export.json").read_text())
+    assert saved["int8"]["bytes"] == (run / "model.int8.onnx").stat().st_size
+
+
+def test_dynamic_batch_parity_at_many_sizes(trained_run):
+    run, _, _ = trained_run
+    model = model_from_checkpoint(load_checkpoint(run / "checkpoint.pt"), run / "checkpoint.pt")
+    session = create_session(run / "model.onnx")
+    images, _ = load_test_split()
+    for bs in (1, 2, 3, 16, 100, 257):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(images[:bs])).numpy()
+        got = session.run(["logits"], {"pixels": images[:bs]})[0]
+        assert got.shape == (bs, 10)
+        assert np.abs(got - expected).max() <= 1e-4
+        assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_second_onnx_consumer_agrees(trained_run):
+    from onnx.reference import ReferenceEvaluator
+
+    run, _, _ = trained_run
+    images, _ = load_test_split()
+    x = images[:4]
+    ref = ReferenceEvaluator(str(run / "model.onnx")).run(None, {"pixels": x})[0]
+    ort_out = create_session(run / "model.onnx").run(["logits"], {"pixels": x})[0]
+    assert np.abs(ref - ort_out).max() <= 1e-4
+
+
+def test_graph_contract_and_metadata(trained_run):
+    run, _, _ = trained_run
+    model = onnx.load(str(run / "model.onnx"))
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "pixels" and out.name == "logits"
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)  # folded
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["architecture"] == "resnet8"
+    assert json.loads(props["labels"]) == [str(i) for i in range(10)]
+    assert json.loads(props["normalization"])["mean"] == pytest.approx(0.1307, abs=1e-3)
+    assert len(props["source_checkpoint_sha256"]) == 64 and float(props["test_accuracy"]) > 0.9
+    assert "torch" in json.loads(props["versions"])
+
+
+def test_int8_graph_is_qdq_with_int8_weights(trained_run):
+    run, _, export = trained_run
+    model = onnx.load(str(run / "model.int8.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert int8_weights, "no int8 convolution weights"
+    assert export["int8"]["size_ratio"] < 0.5
+
+
+def test_accuracy_guard_keeps_layers_float_or_fails_clearly(tmp_path, trained_run):
+    run, _, _ = trained_run
+    images, labels = load_test_split()
+    from resnet_edge.data import load_dataset, to_pixels
+
+    train_pixels = to_pixels(load_dataset().train_images[:64])
+    # One calibration image: poor ranges, a real accuracy loss, and a guard that allows none.
+    config = QuantizationConfig(calibration_size=1, max_accuracy_drop=0.0)
+    out = tmp_path / "model.int8.onnx"
+    try:
+        result = quantize_model(run / "model.onnx", out, train_pixels, images[:2000], labels[:2000], config)
+    except AccuracyGuardError as exc:
+        assert "points" in str(exc) and not out.exists()
+        return
+    assert len(result["rounds"]) > 1 and result["excluded_nodes"], "the guard never had to act"
+    assert result["accuracy_drop_points"] <= 0.0
+    assert out.exists()
+
+
+def test_export_bad_checkpoints(tmp_path, trained_run):
+    run, _, _ = trained_run
+    assert "no checkpoint there" in _error_line(["export", "--run", tmp_path / "empty"])
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:3000])
+    assert "not a readable checkpoint" in _error_line(["export", "--run", cut])
+    assert not (cut / "model.onnx").exists()
+
+
+def test_export_option_errors(trained_run):
+    run, _, _ = trained_run
+    assert "--calibration-method must be one of" in _error_line(["export", "--run", run, "--calibration-method", "magic"])
+    assert "--calibration-size must be at least 1" in _error_line(["export", "--run", run, "--calibration-size", "0"])
+
+
+def test_eval_bad_onnx_files(tmp_path, trained_run):
+    run, _, _ = trained_run
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 10)
+    assert "not a readable ONNX model" in _error_line(["eval", corrupt])
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes((run / "model.onnx").read_bytes()[:5000])
+    assert "truncated" in _error_line(["eval", truncated])
+    assert "no model file there" in _error_line(["eval", tmp_path / "missing.onnx"])
+
+
+def _with_external_data(src, folder, location):
+    """A copy of the model whose first initializer points at ``location`` as external data."""
+    model = onnx.load(str(src))
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    path = folder / "evil.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("location", ["../x", "/etc/passwd", "link.bin"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, trained_run, location):
+    run, _, _ = trained_run
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "x").write_bytes(b"\0" * 64)
+    (folder / "link.bin").symlink_to(tmp_path / "x")
+    path = _with_external_data(run / "model.onnx", folder, location)
+    assert "points outside the model's folder" in _error_line(["eval", path])
+
+
+def test_eval_refuses_a_model_outside_the_contract(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 32, 32])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g", [x], [y]))
+    path = tmp_path / "other.onnx"
+    onnx.save(model, str(path))
+    assert "expected one input named 'pixels'" in _error_line(["eval", path])
+
+
+def test_eval_reports_the_run_models(trained_run):
+    run, report, export = trained_run
+    result = runner.invoke(app, ["eval", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"{100 * export['int8']['test_accuracy']:.2f} %" in result.stdout
+    assert f"{100 * export['fp32']['test_accuracy']:.2f} %" in result.stdout
+
+
+def test_eval_of_onnx_does_not_import_torch(trained_run):
+    import subprocess
+    import sys
+
+    run, _, _ = trained_run
+    code = (f"import sys; from resnet_edge.evaluate import evaluate_file; "
+            f"r = evaluate_file(__import__('pathlib').Path({str(run / 'model.onnx')!r})); "
+            "assert r['accuracy'] > 0.9; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from resnet_edge.cli import app
+from resnet_edge.data import load_test_split
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model, *extra):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_edge", "serve", "--model", str(model), "--port", str(port),
+                             "--model-name", "digits", *map(str, extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    run, _, _ = trained_run
+    proc, url = _start(run / "model.int8.onnx", "--max-body-bytes", 200_000, "--max-batch-size", 16, "--max-delay-ms", 5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return load_test_split()
+
+
+def _infer(url, pixels, datatype="FP32", shape=None, **body):
+    payload = {"inputs": [{"name": "pixels", "datatype": datatype, "shape": shape or list(pixels.shape),
+                           "data": pixels.reshape(-1).tolist()}], **body}
+    return httpx.post(f"{url}/v2/models/digits/infer", json=payload, timeout=30)
+
+
+def test_health_and_metadata(server):
+    assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{server}/v2/models/digits/ready").status_code == 200
+    meta = httpx.get(f"{server}/v2/models/digits").json()
+    assert meta["name"] == "digits"
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert meta["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
+
+
+def test_infer_matches_onnxruntime(server, trained_run, test_images):
+    from resnet_edge.runtime import create_session
+
+    run, _, _ = trained_run
+    images, labels = test_images
+    x = images[:5]
+    r = _infer(server, x, id="req-1")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-1" and body["model_name"] == "digits"
+    (out,) = body["outputs"]
+    assert out["name"] == "logits" and out["shape"] == [5, 10] and out["datatype"] == "FP32"
+    expected = create_session(run / "model.int8.onnx").run(["logits"], {"pixels": x})[0]
+    assert np.allclose(np.array(out["data"]).reshape(5, 10), expected, atol=1e-5)
+
+
+def test_infer_shapes_datatypes_and_outputs(server, test_images):
+    images, labels = test_images
+    x = images[:3]
+    ref = np.array(_infer(server, x).json()["outputs"][0]["data"]).reshape(3, 10)
+    as_uint8 = np.round(x * 255).astype(np.uint8)
+    for shape in ([3, 28, 28], [3, 784]):
+        r = _infer(server, as_uint8, datatype="UINT8", shape=shape)
+        assert r.status_code == 200, r.text
+        assert np.abs(np.array(r.json()["outputs"][0]["data"]).reshape(3, 10) - ref).max() < 1e-3
+    nested = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [3, 1, 28, 28], "data": x.tolist()}],
+              "outputs": [{"name": "probabilities"}]}
+    r = httpx.post(f"{server}/v2/models/digits/infer", json=nested)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    probs = np.array(out["data"]).reshape(3, 10)
+    assert out["name"] == "probabilities" and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == ref.argmax(1)).all()
+
+
+BAD = [
+    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 784], "data": [0] * 784}]}, 400, "expected 'pixels'"),
+    ({"inputs": [{"name": "pixels", "datatype": "INT64", "shape": [1, 784], "data": [0] * 784}]}, 400, "datatype must be FP32"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 28, 28], "data": [0] * 2352}]}, 400, "shape must be"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [2, 784], "data": [0] * 784}]}, 400, "needs 1568 values, got 784"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [0.5] * 783 + ["NaN"]}]}, 400, "numbers"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [2.0] * 784}]}, 400, "must be in [0, 1]"),
+    ({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784], "data": [300] * 784}]}, 400, "0 to 255"),
+    ({"inputs": []}, 400, "exactly 1 tensor"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [0] * 784}], "outputs": [{"name": "x"}]}, 400, "unknown output 'x'"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD)
+def test_bad_requests_get_a_clear_error(server, body, status, message):
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == status and message in r.json()["error"], r.text
+    assert "Traceback" not in r.text
+    assert httpx.get(f"{server}/v2/health/live").status_code == 200  # still answering
+
+
+def test_non_finite_malformed_unknown_and_oversized(server):
+    nan = '{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [' + ", ".join(["NaN"] * 784) + "]}]}"
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=nan)
+    assert r.status_code == 400 and "non-finite" in r.json()["error"]
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=b'{"inputs": [')
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    r = httpx.post(f"{server}/v2/models/nope/infer", json={"inputs": []})
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    assert httpx.get(f"{server}/v2/models/nope").status_code == 404
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=b"x" * 300_000)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: refused while streaming
+        for _ in range(100):
+            yield b" " * 10_000
+
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=chunks())
+    assert r.status_code == 413
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+
+
+def _png(array01: np.ndarray, invert: bool = False, scale: int = 1) -> bytes:
+    a = (array01 * 255).astype(np.uint8)
+    img = Image.fromarray(255 - a if invert else a)
+    if scale != 1:
+        img = img.resize((28 * scale, 28 * scale), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_v1_predict_raw_and_multipart(server, test_images):
+    images, labels = test_images
+    png = _png(images[0, 0])
+    r = httpx.post(f"{server}/v1/predict", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.json()["digit"] == labels[0] and abs(sum(r.json()["probabilities"]) - 1) < 1e-4
+    photo = _png(images[1, 0], invert=True, scale=5)  # dark on light, 140x140, like a scan
+    r = httpx.post(f"{server}/v1/predict", files={"file": ("digit.png", photo, "image/png")})
+    assert r.status_code == 200 and r.json()["digit"] == labels[1], r.text
+    r = httpx.post(f"{server}/v1/predict", content=b"not an image", headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "cannot decode" in r.json()["error"]
+
+
+def test_concurrent_callers_each_get_their_own_answer(server, trained_run, test_images):
+    from resnet_edge.runtime import create_session
+
+    run, _, _ = trained_run
+    images, _ = test_images
+    expected = create_session(run / "model.int8.onnx").run(["logits"], {"pixels": images[:96]})[0]
+
+    def one(i):
+        n = 1 + i % 3  # requests of 1, 2 and 3 rows, batched together
+        r = _infer(server, images[i:i + n])
+        assert r.status_code == 200, r.text
+        return i, np.array(r.json()["outputs"][0]["data"]).reshape(n, 10)
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(90)))
+    for i, got in results:
+        assert np.abs(got - expected[i:i + len(got)]).max() < 1e-4, f"request {i} got another caller's rows"
+
+
+def test_sigterm_finishes_in_flight_requests(trained_run, test_images):
+    run, _, _ = trained_run
+    images, _ = test_images
+    proc, url = _start(run / "model.onnx", "--max-delay-ms", 200, "--max-batch-size", 64)
+    result = {}
+
+    def slow():  # waits ~200 ms in the batcher: in flight when SIGTERM arrives
+        result["r"] = _infer(url, images[:1])
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert proc.wait(timeout=30) == 0
+    assert result["r"].status_code == 200
+
+
+def test_server_refuses_to_start_with_a_broken_model(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"garbage")
+    result = CliRunner().invoke(app, ["serve", "--model", str(broken), "--port", str(_free_port())])
+    assert result.exit_code == 1 and result.stderr.strip().startswith("error: ") and "not a readable ONNX model" in result.stderr
+
+
+def test_predict_cli_on_png_digits(tmp_path, trained_run, test_images):
+    run, _, _ = trained_run
+    images, labels = test_images
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"digit{i}.png"
+        p.write_bytes(_png(images[i, 0], invert=i % 2 == 1, scale=1 + i % 3))
+        paths.append(str(p))
+    result = CliRunner().invoke(app, ["predict", *paths, "--run", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["digit"] for r in out] == labels[:10].tolist()
+    assert [r["path"] for r in out] == paths

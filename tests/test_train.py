@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_edge.train import (CheckpointError, TrainConfig, TrainingError, load_checkpoint,
+                               model_from_checkpoint, train)
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"arch": "resnet8", "epochs": 2, "batch_size": 64, "device": "cpu", "amp": "off", **kw})
+
+
+def test_short_training_lowers_the_loss(tmp_path, small_mnist):
+    report = train(_cfg(epochs=2, augment=False), tmp_path / "run", dataset=small_mnist)
+    losses = [h["loss"] for h in report["history"]]
+    assert losses[1] < losses[0] < 2.3  # ln(10) = 2.30 is the loss of a guess
+    assert report["test_accuracy"] > 0.5
+    for field in ("arch", "params", "device", "epochs", "seconds", "test_accuracy", "history"):
+        assert field in report
+    assert set(report["history"][0]) >= {"epoch", "loss", "test_accuracy", "images_per_second"}
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_interrupt_then_resume_equals_straight_run(tmp_path, small_mnist):
+    straight = tmp_path / "straight"
+    train(_cfg(), straight, dataset=small_mnist)
+
+    def ctrl_c(epoch: int) -> None:
+        raise KeyboardInterrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(), resumed, dataset=small_mnist, on_epoch_saved=ctrl_c)
+    assert load_checkpoint(resumed / "checkpoint.pt")["epoch"] == 1  # the finished epoch was saved
+    report = train(_cfg(), resumed, resume=True, dataset=small_mnist)
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    a = load_checkpoint(straight / "checkpoint.pt")["model"]
+    b = load_checkpoint(resumed / "checkpoint.pt")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    _Exploit.marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": _Exploit(), "config": {"arch": "resnet8"}}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not _Exploit.marker.exists()
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path, small_mnist):
+    run = tmp_path / "run"
+    train(_cfg(epochs=1), run, dataset=small_mnist)
+    ckpt = run / "checkpoint.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cut.pt: not a readable checkpoint"):
+        load_checkpoint(cut)
+    with pytest.raises(CheckpointError, match="checkpoint holds resnet8, not resnet20"):
+        model_from_checkpoint(load_checkpoint(ckpt), ckpt, arch="resnet20")
+    state = load_checkpoint(ckpt)
+    state["config"]["arch"] = "resnet14"  # weights of resnet8 under another name
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    with pytest.raises(CheckpointError, match="other.pt: weights do not fit resnet14"):
+        model_from_checkpoint(load_checkpoint(other), other)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, small_mnist):
+    run = tmp_path / "run"
+    train(_cfg(epochs=1), run, dataset=small_mnist)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train(_cfg(epochs=1, lr=float("inf")), run, dataset=small_mnist)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
