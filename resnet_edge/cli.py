@@ -111,8 +111,8 @@ class RichTrainReporter:
 @user_errors
 def train_cli(
     arch: str = typer.Option("resnet8", help="Architecture (see `resnet-edge models`)."),
-    epochs: int = typer.Option(4, help="Passes over the training set."),
-    batch_size: int = typer.Option(128, help="Images per step."),
+    epochs: int = typer.Option(15, help="Passes over the training set."),
+    batch_size: int = typer.Option(64, help="Images per step."),
     lr: float = typer.Option(0.2, help="Peak learning rate (one-cycle, SGD with Nesterov momentum)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     data_dir: Optional[Path] = typer.Option(None, help="A folder with the four MNIST-format IDX files (gzip or raw); default: the bundled MNIST."),

@@ -125,6 +125,11 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and hasattr(ort, "preload_dlls"):
+        try:  # CUDA and cuDNN from the nvidia-* wheels (those PyTorch uses), without importing torch
+            ort.preload_dlls()
+        except Exception:  # a system-wide CUDA install is found by the loader instead
+            log.debug("onnxruntime.preload_dlls failed", exc_info=True)
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

@@ -38,8 +38,8 @@ TRAIN_REPORT = "train.json"
 @dataclass
 class TrainConfig:
     arch: str = "resnet8"  # a name from models.MODELS
-    epochs: int = 4  # full passes over the training set
-    batch_size: int = 128
+    epochs: int = 15  # full passes over the training set
+    batch_size: int = 64
     lr: float = 0.2  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
     momentum: float = 0.9
     weight_decay: float = 5e-4  # on conv/linear weights only, not on BatchNorm or biases
@@ -185,6 +185,19 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct.item() / len(images)
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               dtype: torch.dtype | None, memory_format: torch.memory_format, label_smoothing: float = 0.0) -> torch.Tensor:
+    """One optimizer step on a batch; returns the loss (not synchronized)."""
+    x = x.contiguous(memory_format=memory_format)
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
     if torch.cuda.is_available():
@@ -268,13 +281,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, reporter:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for step, (x, y) in enumerate(batches):
-            x = x.contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = step_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(step_model, optimizer, x, y, dtype, memory_format, config.label_smoothing)
             scheduler.step()
             loss_sum += loss.detach()
             # Reading the loss synchronizes the GPU, so there it happens every 50 steps only.
