@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import TrainConfig
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -110,14 +111,14 @@ class RichTrainReporter:
 @app.command("train")
 @user_errors
 def train_cli(
-    arch: str = typer.Option("resnet8", help="Architecture (see `resnet-edge models`)."),
-    epochs: int = typer.Option(15, help="Passes over the training set."),
-    batch_size: int = typer.Option(64, help="Images per step."),
-    lr: float = typer.Option(0.2, help="Peak learning rate (one-cycle, SGD with Nesterov momentum)."),
+    arch: str = typer.Option(TrainConfig.arch, help="Architecture (see `resnet-edge models`)."),
+    epochs: int = typer.Option(TrainConfig.epochs, help="Passes over the training set."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, help="Images per step."),
+    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (one-cycle, SGD with Nesterov momentum)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     data_dir: Optional[Path] = typer.Option(None, help="A folder with the four MNIST-format IDX files (gzip or raw); default: the bundled MNIST."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: exported/<arch>)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(TrainConfig.seed, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue the run in --run from its checkpoint."),
     augment: bool = typer.Option(True, help="Random rotation/scale/shift of each batch."),
     amp: str = typer.Option("auto", help="auto | bf16 | off: bf16 autocast (auto: CUDA, and CPUs with AMX)."),
@@ -126,7 +127,7 @@ def train_cli(
 ) -> None:
     """Train a ResNet on MNIST (GPU when there is one) and write checkpoint.pt and train.json."""
     from .files import ensure_writable_dir, run_dir_for
-    from .train import TrainConfig, train
+    from .train import train
 
     config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
                          augment=augment, amp=amp, compile=compile,

@@ -222,7 +222,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
             "top1_agreement": q["top1_agreement"], "accuracy_drop_points": q["accuracy_drop_points"],
             "logits_sqnr_db": q["logits_sqnr_db"], "images_per_second": q["int8_images_per_second"],
             "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
-            "float_nodes": q["excluded_nodes"], "quantizable_nodes": q["quantizable_nodes"],
+            "float_nodes": q["excluded_nodes"], "graph_nodes": q["graph_nodes"],
             "guard_rounds": q["rounds"],
         }
         report["settings"]["quantization"] = {**asdict(qconfig), "format": "QDQ", "weight_type": "int8",

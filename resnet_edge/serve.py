@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
-import math
-import time
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import UserError
 from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, softmax
@@ -220,7 +225,7 @@ def model_metadata(name: str, meta: dict[str, str]) -> dict[str, Any]:
     }
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes ``limit`` (by Content-Length or while streaming)."""
     length = request.headers.get("content-length")
     if length is not None:
@@ -240,11 +245,6 @@ async def _read_body(request: Any, limit: int) -> bytes:
 
 def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     """The FastAPI app for one model. The session is created here unless given (tests may pass one)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     from . import __version__
     from .preprocess import ImageError, image_to_pixels
 
@@ -369,10 +369,22 @@ async def _multipart_file(request: Any, raw: bytes) -> bytes:
     return await upload.read()
 
 
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's graceful shutdown on SIGINT/SIGTERM, then a normal exit (status 0): uvicorn itself
+    re-raises the signal afterwards, which makes a clean stop look like a crash to a supervisor."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight and returns."""
-    import uvicorn
-
     app = create_app(config)  # a missing or broken model fails here, before the port is opened
     kwargs: dict[str, Any] = {}
     try:
@@ -387,5 +399,6 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_l
         kwargs["http"] = "httptools"
     except ImportError:
         pass
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=30, **kwargs)
+    server = _GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                    timeout_graceful_shutdown=30, **kwargs))
+    server.run()

@@ -93,23 +93,45 @@ def test_int8_graph_is_qdq_with_int8_weights(trained_run):
     assert export["int8"]["size_ratio"] < 0.5
 
 
-def test_accuracy_guard_keeps_layers_float_or_fails_clearly(tmp_path, trained_run):
-    run, _, _ = trained_run
-    images, labels = load_test_split()
+def test_accuracy_guard_fails_clearly_when_int8_cannot_hold(tmp_path, trained_run):
     from resnet_edge.data import load_dataset, to_pixels
 
-    train_pixels = to_pixels(load_dataset().train_images[:64])
-    # One calibration image: poor ranges, a real accuracy loss, and a guard that allows none.
-    config = QuantizationConfig(calibration_size=1, max_accuracy_drop=0.0)
+    run, _, _ = trained_run
+    images, labels = load_test_split()
+    # Calibrated on half-intensity images: every activation range is too narrow and clips.
+    dim = to_pixels(load_dataset().train_images[:256]) * 0.5
     out = tmp_path / "model.int8.onnx"
-    try:
-        result = quantize_model(run / "model.onnx", out, train_pixels, images[:2000], labels[:2000], config)
-    except AccuracyGuardError as exc:
-        assert "points" in str(exc) and not out.exists()
-        return
-    assert len(result["rounds"]) > 1 and result["excluded_nodes"], "the guard never had to act"
-    assert result["accuracy_drop_points"] <= 0.0
-    assert out.exists()
+    with pytest.raises(AccuracyGuardError, match=r"INT8 loses \d+\.\d+ points .* no INT8 model was written"):
+        quantize_model(run / "model.onnx", out, dim, images[:2000], labels[:2000],
+                       QuantizationConfig(calibration_size=64, max_accuracy_drop=0.1))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monkeypatch):
+    """The first INT8 evaluation is made to miss the guard: the next round keeps the worst-quantized
+    tensors in float, is measured for real, and its model is the one written."""
+    import resnet_edge.quantize as q
+    from resnet_edge.data import load_dataset, to_pixels
+
+    run, _, _ = trained_run
+    images, labels = load_test_split()
+    real, calls = q.evaluate_session, []
+
+    def evaluate(session, *args, **kwargs):
+        result = real(session, *args, **kwargs)
+        calls.append(result.accuracy)
+        if len(calls) == 2:  # FP32 first, then the fully quantized model
+            result.accuracy -= 0.01
+        return result
+
+    monkeypatch.setattr(q, "evaluate_session", evaluate)
+    out = tmp_path / "model.int8.onnx"
+    result = quantize_model(run / "model.onnx", out, to_pixels(load_dataset().train_images[:512]),
+                            images[:2000], labels[:2000], QuantizationConfig(calibration_size=128))
+    assert [r["drop_points"] > 0.1 for r in result["rounds"]] == [True, False]
+    assert result["excluded_nodes"] and result["accuracy_drop_points"] <= 0.1
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["quantization"])["excluded_nodes"] == result["excluded_nodes"]
 
 
 def test_export_bad_checkpoints(tmp_path, trained_run):

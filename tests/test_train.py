@@ -15,10 +15,10 @@ def _cfg(**kw):
 
 
 def test_short_training_lowers_the_loss(tmp_path, small_mnist):
-    report = train(_cfg(epochs=2, augment=False), tmp_path / "run", dataset=small_mnist)
+    report = train(_cfg(epochs=3, batch_size=32, lr=0.1, augment=False), tmp_path / "run", dataset=small_mnist)
     losses = [h["loss"] for h in report["history"]]
-    assert losses[1] < losses[0] < 2.3  # ln(10) = 2.30 is the loss of a guess
-    assert report["test_accuracy"] > 0.5
+    assert losses[2] < losses[1] < losses[0] < 2.3  # ln(10) = 2.30 is the loss of a guess
+    assert report["test_accuracy"] > 0.3  # 3x chance after 192 steps on 2,048 images
     for field in ("arch", "params", "device", "epochs", "seconds", "test_accuracy", "history"):
         assert field in report
     assert set(report["history"][0]) >= {"epoch", "loss", "test_accuracy", "images_per_second"}
