@@ -8,8 +8,11 @@
 # rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-R=benchmarks/results/cuda
+R=${RESULTS:-benchmarks/results/cuda}
 ARCH=${ARCH:-resnet8}
+DEVICE=${DEVICE:-cuda}      # DEVICE=cpu PROVIDER=cpu TRAIN_ARGS="--epochs 1" rehearses the script without a GPU
+PROVIDER=${PROVIDER:-cuda}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 mkdir -p "$R"
 # CUDA libraries from the nvidia-* wheels that PyTorch uses, for ONNX Runtime's CUDA provider too.
 NV=$(python3 -c "import nvidia, os; print(':'.join(sorted({os.path.dirname(os.path.join(r, f)) for p in nvidia.__path__ for r, _, fs in os.walk(p) for f in fs if '.so' in f})))" 2>/dev/null)
@@ -21,8 +24,8 @@ export LD_LIBRARY_PATH="${NV}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| onnxruntime', o.__version__, o.get_available_providers())"
 } 2>&1 | tee "$R/environment.txt"
 step() { echo "+ $*"; local t0=$SECONDS; "$@"; echo "  ($((SECONDS - t0)) s, exit $?)"; }
-step python3 -m resnet_edge train --device cuda --run "$R/$ARCH" 2>&1 | tee "$R/train.log"
+step python3 -m resnet_edge train --device "$DEVICE" --run "$R/$ARCH" $TRAIN_ARGS 2>&1 | tee "$R/train.log"
 step python3 -m resnet_edge export --run "$R/$ARCH" --quantize --quiet 2>&1 | tee "$R/export.log"
-step python3 -m resnet_edge bench --run "$R/$ARCH" --provider cuda --duration "${DURATION:-2}" --out "$R/$ARCH/bench-cuda" --quiet 2>&1 | tee "$R/bench-cuda.log"
+step python3 -m resnet_edge bench --run "$R/$ARCH" --provider "$PROVIDER" --duration "${DURATION:-2}" --out "$R/$ARCH/bench-$PROVIDER" --quiet 2>&1 | tee "$R/bench-cuda.log"
 step python3 -m resnet_edge bench --run "$R/$ARCH" --provider cpu --duration "${DURATION:-2}" --out "$R/$ARCH/bench-cpu" --quiet 2>&1 | tee "$R/bench-cpu.log"
-step python3 benchmarks/train_throughput.py --device cuda --arch "$ARCH" --steps 200 --rounds 3 --workers 0,4 --out "$R/train_throughput-$ARCH.json" 2>&1 | tee "$R/train_throughput.log"
+step python3 benchmarks/train_throughput.py --device "$DEVICE" --arch "$ARCH" --steps 200 --rounds 3 --workers 0,4 --out "$R/train_throughput-$ARCH.json" 2>&1 | tee "$R/train_throughput.log"

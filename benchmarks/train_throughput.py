@@ -7,7 +7,7 @@ only the data path differs:
               through torch.utils.data.DataLoader, for each num_workers asked (pin_memory on CUDA)
 Rounds alternate between the pipelines; the medians are reported and the ratio is ours / best baseline.
 
-    python benchmarks/train_throughput.py --device cpu --arch resnet8 --steps 60 --rounds 3
+    python benchmarks/train_throughput.py --device cpu --arch resnet8 --steps 200 --rounds 3
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--arch", default="resnet8")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values to try")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")

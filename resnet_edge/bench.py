@@ -150,7 +150,8 @@ def _node_placement(model_path: Path, provider: str, x: np.ndarray, threads: int
     counts: dict[str, set[str]] = {}
     try:
         for event in json.loads(profile.read_text()):
-            if event.get("cat") == "Node" and "provider" in event.get("args", {}):
+            if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                    and "provider" in event.get("args", {})):
                 counts.setdefault(event["args"]["provider"], set()).add(event["name"].rsplit("_kernel_time", 1)[0])
     finally:
         profile.unlink(missing_ok=True)
@@ -208,7 +209,8 @@ def _onnx_call(model_path: Path, provider: str, x: np.ndarray, threads: int | No
 
 
 def _gpu_memory_mb() -> float | None:
-    """Device memory this process holds, as nvidia-smi reports it."""
+    """Device memory this process holds (CUDA context included), as nvidia-smi reports it: the same
+    measure for PyTorch and ONNX Runtime."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
@@ -240,8 +242,7 @@ def _torch_call(model_path: Path, provider: str, x: np.ndarray, threads: int | N
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    memory = (lambda: torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None
-    return call, memory
+    return call, (_gpu_memory_mb if device.type == "cuda" else None)
 
 
 def _worker_main() -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import TrainConfig
+from .quantize import QuantizationConfig
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -186,15 +187,13 @@ def export_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
     opset: int = typer.Option(18, help="ONNX opset."),
     quantize: bool = typer.Option(False, "--quantize", help="Also write a static INT8 model (QDQ) and prove its accuracy."),
-    calibration_size: int = typer.Option(512, help="Training images to calibrate activation ranges on."),
-    calibration_method: str = typer.Option("minmax", help="minmax | entropy | percentile"),
-    max_accuracy_drop: float = typer.Option(0.1, help="Points of test accuracy INT8 may lose; worse layers stay float."),
-    activation_type: str = typer.Option("int8", help="int8 (S8S8) | uint8 (U8S8) activations."),
+    calibration_size: int = typer.Option(QuantizationConfig.calibration_size, help="Training images to calibrate activation ranges on."),
+    calibration_method: str = typer.Option(QuantizationConfig.method, help="minmax | entropy | percentile"),
+    max_accuracy_drop: float = typer.Option(QuantizationConfig.max_accuracy_drop, help="Points of test accuracy INT8 may lose; worse layers stay float."),
+    activation_type: str = typer.Option(QuantizationConfig.activation_type, help="uint8 (U8S8, fastest with ONNX Runtime on x86) | int8 (S8S8) activations."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
-    from .quantize import QuantizationConfig
-
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
                                  max_accuracy_drop=max_accuracy_drop, activation_type=activation_type)
     if not 7 <= opset <= 25:
