@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values to try")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (both pipelines)")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = ap.parse_args()
 
@@ -76,6 +77,8 @@ def main() -> None:
     memory_format = torch.channels_last
     model = create_model(args.arch).to(device).to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    if args.compile:
+        model = torch.compile(model)
     ds = load_dataset()
     gen = torch.Generator(device=device).manual_seed(0)
     ours = DeviceBatches(ds.train_images, ds.train_labels, args.batch_size, device, gen, augment=True)
@@ -104,12 +107,13 @@ def main() -> None:
         "arch": args.arch, "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
-        "autocast": str(dtype), "images_per_second": results, "median": medians,
+        "autocast": str(dtype), "compile": args.compile, "images_per_second": results, "median": medians,
         "best_baseline": best, "ratio_vs_best_baseline": medians["ours"] / medians[best],
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
     print(f"ours {medians['ours']:,.0f} img/s vs {best} {medians[best]:,.0f} img/s: "
-          f"{summary['ratio_vs_best_baseline']:.2f}x ({args.arch}, batch {args.batch_size}, {device.type})")
+          f"{summary['ratio_vs_best_baseline']:.2f}x ({args.arch}, batch {args.batch_size}, {device.type}"
+          f"{', compiled' if args.compile else ''})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
