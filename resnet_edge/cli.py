@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -80,7 +79,8 @@ class RichTrainReporter:
 
         self.quiet = quiet
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
+                                 TextColumn("loss {task.fields[loss]}"), TextColumn("train acc {task.fields[acc]}"),
+                                 TextColumn("{task.fields[ips]} img/s"),
                                  TimeRemainingColumn(), console=console, transient=True, disable=quiet)
         self.task = None
 
@@ -89,15 +89,17 @@ class RichTrainReporter:
 
         self.progress.start()
         self.images, self.t0 = 0, time.perf_counter()
-        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, loss="-", ips="-")
+        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, loss="-", acc="-", ips="-")
 
-    def step(self, loss: float | None, images: int) -> None:
+    def step(self, loss: float | None, accuracy: float | None, images: int) -> None:
         import time
 
         self.images += images
         fields = {"ips": f"{self.images / max(time.perf_counter() - self.t0, 1e-9):,.0f}"}
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
+        if accuracy is not None:
+            fields["acc"] = f"{100 * accuracy:.1f} %"
         self.progress.update(self.task, advance=1, **fields)
 
     def epoch_end(self, record: dict[str, Any]) -> None:
@@ -205,17 +207,17 @@ def export_cli(
     with progress:
         report = export_run(run_dir, opset=opset, quantize=quantize, qconfig=qconfig, progress=open_bar)
     table = Table(title=f"{report['arch']} export ({run_dir})")
-    for col in ("model", "test accuracy", "agreement with FP32", "size", "parity max |diff|"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("model", "test acc.", "agreement", "size", "check"):
+        table.add_column(col, justify="left" if col in ("model", "check") else "right")
     worst = max(p["max_abs_diff"] for p in report["parity"])
     fp32 = report["fp32"]
-    table.add_row("FP32  " + Path(fp32["path"]).name, f"{100 * fp32['test_accuracy']:.2f} %", "-",
-                  _size(fp32["bytes"]), f"{worst:.2e} (batch {', '.join(str(p['batch_size']) for p in report['parity'])})")
+    sizes = "/".join(str(p["batch_size"]) for p in report["parity"])
+    table.add_row("FP32", f"{100 * fp32['test_accuracy']:.2f} %", "-", _size(fp32["bytes"]),
+                  f"parity {worst:.1e} (batch {sizes})")
     if "int8" in report:
         q = report["int8"]
-        table.add_row("INT8  " + Path(q["path"]).name, f"{100 * q['test_accuracy']:.2f} %",
-                      f"{100 * q['top1_agreement']:.2f} %", f"{_size(q['bytes'])} ({100 * q['size_ratio']:.0f} %)",
-                      f"SQNR {q['logits_sqnr_db']:.1f} dB")
+        table.add_row("INT8", f"{100 * q['test_accuracy']:.2f} %", f"{100 * q['top1_agreement']:.2f} %",
+                      f"{_size(q['bytes'])} ({100 * q['size_ratio']:.0f} %)", f"SQNR {q['logits_sqnr_db']:.1f} dB")
     console.print(table)
     if "int8" in report and report["int8"]["float_nodes"]:
         console.print(f"accuracy guard kept {len(report['int8']['float_nodes'])} nodes in float", highlight=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import atomic_path
-from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, evaluate_session
+from .runtime import INPUT_NAME, create_session, evaluate_session
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ def sensitivity_ranking(pre_path: Path, qdq_path: Path, images: np.ndarray) -> l
             scale, zero = inits[node.input[1]], inits[node.input[2]]
             params[node.input[0]] = (float(scale), int(zero), np.iinfo(zero.dtype))
     model = onnx.load(str(pre_path))
-    graph_inputs = {i.name for i in model.graph.input}
     existing = {o.name for o in model.graph.output}
     produced = {o for n in model.graph.node for o in n.output}
     for name in params:

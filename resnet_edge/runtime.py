@@ -6,10 +6,9 @@ Inference code: this module never imports torch, so an edge box runs it with onn
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -138,14 +137,6 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
     if session.get_providers()[0] != name:
         raise UserError(f"ONNX Runtime did not start {name} for {path} (got {session.get_providers()})")
     return session
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    import onnxruntime as ort
-
-    # Read through a CPU session's model metadata: no second parse of the file with onnx.
-    sess = create_session(path, "cpu", check_contract_too=False)
-    return dict(sess.get_modelmeta().custom_metadata_map)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import logging
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -48,13 +48,13 @@ class Reporter(Protocol):
     """What the loop tells the outside world; the CLI renders it, tests may ignore it."""
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float | None, images: int) -> None: ...
+    def step(self, loss: float | None, accuracy: float | None, images: int) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
 
 class SilentReporter:
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float | None, images: int) -> None: ...
+    def step(self, loss: float | None, accuracy: float | None, images: int) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
 
@@ -152,7 +152,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                dtype: torch.dtype | None, memory_format: torch.memory_format, label_smoothing: float = 0.0) -> torch.Tensor:
-    """One optimizer step on a batch; returns the loss (not synchronized)."""
+    """One optimizer step on a batch; returns the loss and the logits (neither synchronized)."""
     x = x.contiguous(memory_format=memory_format)
     with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         logits = model(x)
@@ -160,7 +160,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss
+    return loss, logits.detach()
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -245,18 +245,20 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, reporter:
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for step, (x, y) in enumerate(batches):
-            loss = train_step(step_model, optimizer, x, y, dtype, memory_format, config.label_smoothing)
+            loss, logits = train_step(step_model, optimizer, x, y, dtype, memory_format, config.label_smoothing)
             scheduler.step()
             loss_sum += loss.detach()
-            # Reading the loss synchronizes the GPU, so there it happens every 50 steps only.
-            shown = None
+            correct += (logits.argmax(1) == y).sum()
+            # Reading a value synchronizes the GPU, so there it happens every 50 steps only.
+            shown = shown_accuracy = None
             if device.type == "cpu" or step % 50 == 0 or step == len(batches) - 1:
-                shown = loss.item()
+                shown, shown_accuracy = loss.item(), correct.item() / ((step + 1) * batches.batch_size)
                 if not math.isfinite(shown):
                     raise TrainingError(f"loss became {shown} at epoch {epoch + 1}, step {step + 1} "
                                         "(try a lower --lr); the last checkpoint was left as it was")
-            reporter.step(shown, len(y))
+            reporter.step(shown, shown_accuracy, len(y))
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds = time.perf_counter() - t0
@@ -268,6 +270,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, reporter:
         accuracy = evaluate(model, test_images, test_labels, channels_last=config.channels_last)
         seconds += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "loss": round(mean_loss, 6), "test_accuracy": accuracy,
+                  "train_accuracy": correct.item() / (len(batches) * batches.batch_size),
                   "images_per_second": round(len(batches) * batches.batch_size / epoch_seconds, 1),
                   "seconds": round(epoch_seconds, 3), "lr_end": scheduler.get_last_lr()[0]}
         history.append(record)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import shutil
 
 import numpy as np

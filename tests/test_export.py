@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -11,10 +10,9 @@ from typer.testing import CliRunner
 
 from resnet_edge.cli import app
 from resnet_edge.data import load_test_split
-from resnet_edge.export import export_run
 from resnet_edge.quantize import AccuracyGuardError, QuantizationConfig, quantize_model
-from resnet_edge.runtime import ModelFileError, create_session
-from resnet_edge.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from resnet_edge.runtime import create_session
+from resnet_edge.train import load_checkpoint, model_from_checkpoint
 
 runner = CliRunner()
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
