@@ -232,3 +232,30 @@ def test_predict_cli_on_png_digits(tmp_path, trained_run, test_images):
     out = json.loads(result.stdout)
     assert [r["digit"] for r in out] == labels[:10].tolist()
     assert [r["path"] for r in out] == paths
+
+
+def test_full_queue_answers_503_and_the_rest_are_served():
+    import asyncio
+
+    from resnet_edge.serve import DynamicBatcher, RequestError
+
+    class SlowSession:  # stands in for ONNX Runtime: 0.2 s a batch, logits = row index
+        def run(self, names, feeds):
+            time.sleep(0.2)
+            x = feeds["pixels"]
+            return [np.repeat(x[:, 0, 0, :1], 10, axis=1)]
+
+    async def scenario():
+        batcher = DynamicBatcher(SlowSession(), max_batch_size=1, max_delay_ms=0, max_queue=2)
+        batcher.start()
+        await asyncio.sleep(0)
+        jobs = [batcher.infer(np.full((1, 1, 28, 28), i, np.float32)) for i in range(6)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    busy = [r for r in results if isinstance(r, RequestError)]
+    served = [(i, r) for i, r in enumerate(results) if not isinstance(r, Exception)]
+    assert busy and all(r.status == 503 and "busy" in str(r) for r in busy)
+    assert served and all(r.shape == (1, 10) and (r == i).all() for i, r in served)
