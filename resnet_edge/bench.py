@@ -381,12 +381,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['variant']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
                      f"{r['p99_ms']:.3f} | {r['throughput']:,.0f} | {r['runs']} |")
-    lines += ["", "| variant | file | size | test accuracy | cold start ms | peak RSS MB | model RSS MB |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| variant | file | size | test accuracy | cold start ms | peak RSS MB | model RSS MB | GPU MB | nodes per provider |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for v, i in report["variants"].items():
         acc = f"{100 * i['test_accuracy']:.2f} %" if i["test_accuracy"] is not None else "-"
+        gpu = f"{i['device_memory_mb']:.0f}" if i.get("device_memory_mb") else "-"
+        placement = ", ".join(f"{k.replace('ExecutionProvider', '')} {n}" for k, n in (i.get("nodes_per_provider") or {}).items()) or "-"
         lines.append(f"| {v} | {Path(i['file']).name} | {i['bytes'] / 1e6:.2f} MB | {acc} | {i['cold_start_ms']:.0f} | "
-                     f"{i['peak_rss_mb']:.0f} | {i['model_rss_mb']:.0f} |")
+                     f"{i['peak_rss_mb']:.0f} | {i['model_rss_mb']:.0f} | {gpu} | {placement} |")
     lines += ["", "| batch | variant | against | p50 speed-up |", "|---:|---|---|---:|"]
     for r in report["ratios"]:
         lines.append(f"| {r['batch_size']} | {r['variant']} | {r['baseline']} | {r['speedup_p50']:.2f}x |")

@@ -124,7 +124,7 @@ def train_cli(
     seed: int = typer.Option(TrainConfig.seed, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue the run in --run from its checkpoint."),
     augment: bool = typer.Option(True, help="Random rotation/scale/shift of each batch."),
-    amp: str = typer.Option("auto", help="auto | bf16 | off: bf16 autocast (auto: CUDA, and CPUs with AMX)."),
+    amp: str = typer.Option("auto", help="auto | bf16 | off: bf16 autocast (auto: on CUDA; the CPU trains in fp32 unless bf16 is asked for)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (worth it on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

@@ -21,7 +21,7 @@ class TrainConfig:
     clean_epochs: int = 1  # last epochs without augmentation, so the model ends on the test distribution
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on CUDA, and on CPUs with AMX)
+    amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on CUDA only; fp32 measured faster on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (CUDA)
     data_dir: str | None = None  # an MNIST-format folder; None: the bundled MNIST
