@@ -83,6 +83,7 @@ class RichTrainReporter:
                                  TextColumn("{task.fields[ips]} img/s"),
                                  TimeRemainingColumn(), console=console, transient=True, disable=quiet)
         self.task = None
+        self.last_epoch = 0  # the last epoch saved, for the message after Ctrl-C
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         import time
@@ -103,6 +104,7 @@ class RichTrainReporter:
         self.progress.update(self.task, advance=1, **fields)
 
     def epoch_end(self, record: dict[str, Any]) -> None:
+        self.last_epoch = record["epoch"]
         self.progress.remove_task(self.task)
         self.progress.stop()
         if not self.quiet:
@@ -118,13 +120,13 @@ def train_cli(
     epochs: int = typer.Option(TrainConfig.epochs, help="Passes over the training set."),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Images per step."),
     lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (one-cycle, SGD with Nesterov momentum)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda"),
     data_dir: Optional[Path] = typer.Option(None, help="A folder with the four MNIST-format IDX files (gzip or raw); default: the bundled MNIST."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: exported/<arch>)."),
     seed: int = typer.Option(TrainConfig.seed, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue the run in --run from its checkpoint."),
-    augment: bool = typer.Option(True, help="Random rotation/scale/shift of each batch."),
-    amp: str = typer.Option("auto", help="auto | bf16 | off: bf16 autocast (auto: on CUDA; the CPU trains in fp32 unless bf16 is asked for)."),
+    augment: bool = typer.Option(TrainConfig.augment, help="Random rotation/scale/shift of each batch (not in the last epoch)."),
+    amp: str = typer.Option(TrainConfig.amp, help="auto | bf16 | off: bf16 autocast (auto: on CUDA; the CPU trains in fp32 unless bf16 is asked for)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (worth it on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -139,7 +141,16 @@ def train_cli(
     if resume and not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
     ensure_writable_dir(run_dir)
-    report = train(config, run_dir, resume=resume, reporter=RichTrainReporter(quiet))
+    reporter = RichTrainReporter(quiet)
+    try:
+        report = train(config, run_dir, resume=resume, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.progress.stop()
+        done = reporter.last_epoch
+        err_console.print(f"interrupted: {run_dir / 'checkpoint.pt'} holds "
+                          + (f"epoch {done}; continue with `resnet-edge train --run {run_dir} --resume`" if done
+                             else "what it held before: no epoch finished"), highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     acc = report["test_accuracy"]
     console.print(f"trained {report['arch']} ({report['params']:,} parameters) for {report['epochs_done']} epochs on "
                   f"{report['device']} in {report['seconds']:.1f} s: test accuracy "
