@@ -28,7 +28,7 @@ from .data import Dataset, DeviceBatches, load_dataset
 from .errors import UserError
 from .config import TrainConfig
 from .files import atomic_path, write_json
-from .models import UnknownModelError, count_parameters, create_model
+from .models import MODELS, UnknownModelError, count_parameters, create_model
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state(), "data_device": generator.device.type}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -165,7 +165,12 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
+    if state.get("data_device", "cpu") == generator.device.type:
+        generator.set_state(state["data"])
+    else:  # a CPU generator's state does not fit a CUDA one: the run goes on, not bit for bit
+        log.warning("resuming on %s a run saved on %s: data order and augmentation are reseeded",
+                    generator.device.type, state.get("data_device"))
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -195,6 +200,9 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, reporter:
         config = dataclasses.replace(TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}),
                                      device=config.device, compile=config.compile)
     device = resolve_device(config.device)
+    if config.batch_size < 2 and MODELS[config.arch].family == "imagenet":
+        raise UserError(f"{config.arch} needs --batch-size of at least 2: its last stage is 1x1 at 28x28, "
+                        "and BatchNorm cannot train on a single value per channel")
     dataset = dataset or load_dataset(config.data_dir)
     mean, std = dataset.pixel_stats()
 

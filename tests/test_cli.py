@@ -47,6 +47,7 @@ def test_models_lists_every_architecture():
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--device", "cuda"], "--device cuda was asked for, but PyTorch sees no CUDA GPU"),
+    (["--arch", "resnet18", "--batch-size", "1", "--device", "cpu"], "needs --batch-size of at least 2"),
 ])
 def test_train_option_errors(tmp_path, args, message):
     assert_user_error(["train", "--run", tmp_path / "r", "--epochs", "1", *args], message)
