@@ -259,3 +259,16 @@ def test_full_queue_answers_503_and_the_rest_are_served():
     served = [(i, r) for i, r in enumerate(results) if not isinstance(r, Exception)]
     assert busy and all(r.status == 503 and "busy" in str(r) for r in busy)
     assert served and all(r.shape == (1, 10) and (r == i).all() for i, r in served)
+
+
+def test_serving_and_predict_never_import_torch(trained_run, tmp_path):
+    run, _, _ = trained_run
+    png = tmp_path / "d.png"
+    images, _ = load_test_split()
+    png.write_bytes(_png(images[0, 0]))
+    code = ("import sys; from pathlib import Path; from typer.testing import CliRunner; "
+            "from resnet_edge.cli import app; from resnet_edge.serve import ServerConfig, create_app; "
+            f"create_app(ServerConfig(model_path=Path({str(run / 'model.int8.onnx')!r}), model_name='m')); "
+            f"r = CliRunner().invoke(app, ['predict', {str(png)!r}, '--run', {str(run)!r}]); assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
