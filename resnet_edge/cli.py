@@ -356,19 +356,15 @@ def serve_cli(
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
-    path = _resolve_model(run, model)
-    name = model_name
-    if name is None:
-        from .runtime import check_model_file
+    config = ServerConfig(model_path=_resolve_model(run, model), model_name=model_name, provider=provider,
+                          threads=threads, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                          max_queue=max_queue, max_body_bytes=max_body_bytes)
 
-        props = {p.key: p.value for p in check_model_file(path).metadata_props}
-        name = props.get("architecture") or path.stem.split(".")[0]
-    config = ServerConfig(model_path=path, model_name=name, provider=provider, threads=threads,
-                          max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                          max_body_bytes=max_body_bytes)
-    err_console.print(f"serving {path} as {name!r} on http://{host}:{port}/v2/models/{name} "
-                      f"(max batch {max_batch_size}, max delay {max_delay_ms} ms)", highlight=False)
-    serve(config, host=host, port=port)
+    def announce(c: ServerConfig) -> None:
+        err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{host}:{port}/v2/models/{c.model_name} "
+                          f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms} ms)", highlight=False, soft_wrap=True)
+
+    serve(config, host=host, port=port, announce=announce)
 
 
 @app.command("predict")

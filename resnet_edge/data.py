@@ -159,10 +159,15 @@ def load_dataset(data_dir: str | Path | None = None) -> Dataset:
     return Dataset(name, train_images, train_labels, test_images, test_labels)
 
 
+def load_split(data_dir: str | Path | None = None, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """One split's uint8 images [N, 28, 28] and labels, verified, without reading the other split."""
+    folder = _folder(data_dir)
+    return _load_split(folder, split, _read_checksums(folder))
+
+
 def load_test_split(data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Test images as float32 [N, 1, 28, 28] in [0, 1] and int64 labels: the ONNX input contract."""
-    folder = _folder(data_dir)
-    images, labels = _load_split(folder, "test", _read_checksums(folder))
+    images, labels = load_split(data_dir, "test")
     return to_pixels(images), labels.astype(np.int64)
 
 

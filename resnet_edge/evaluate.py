@@ -29,12 +29,12 @@ def _evaluate_checkpoint(path: Path, data_dir: Path | None, batch_size: int) -> 
 
     import torch
 
-    from .data import load_dataset
+    from .data import load_split
     from .train import evaluate, load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(path), path)
-    ds = load_dataset(data_dir)
-    images, labels = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels.astype("int64"))
+    test_images, test_labels = load_split(data_dir, "test")
+    images, labels = torch.from_numpy(test_images), torch.from_numpy(test_labels.astype("int64"))
     t0 = time.perf_counter()
     acc = evaluate(model, images, labels, batch_size=batch_size)
     return {"accuracy": acc, "images_per_second": len(images) / (time.perf_counter() - t0),

@@ -214,7 +214,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
     if quantize:
         qconfig = qconfig or QuantizationConfig()
         int8_path = run_dir / INT8_NAME
-        q = quantize_model(fp32_path, int8_path, to_pixels(dataset.train_images), test_pixels, test_labels,
+        q = quantize_model(fp32_path, int8_path, dataset.train_images, test_pixels, test_labels,
                            qconfig, progress=progress, metadata=meta)
         report["fp32"].update(test_accuracy=q["fp32_accuracy"], images_per_second=q["fp32_images_per_second"])
         report["int8"] = {

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .data import to_pixels
 from .errors import UserError
 from .files import atomic_path
 from .runtime import INPUT_NAME, create_session, evaluate_session
@@ -81,11 +82,12 @@ class _Batches:
         self._it = self._gen()
 
 
-def calibration_images(train_pixels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A seeded random subset of the training images (never test images: they judge the result)."""
+def calibration_images(train_images: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded random subset of the training images (never test images: they judge the result), as
+    model input; uint8 [N, 28, 28] images are converted after sampling, so only the subset is."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(train_pixels), size=min(size, len(train_pixels)), replace=False)
-    return np.ascontiguousarray(train_pixels[np.sort(idx)])
+    subset = train_images[np.sort(rng.choice(len(train_images), size=min(size, len(train_images)), replace=False))]
+    return np.ascontiguousarray(to_pixels(subset) if subset.dtype == np.uint8 else subset)
 
 
 def _quantize(pre_path: Path, out_path: Path, calib: np.ndarray, config: QuantizationConfig,
@@ -157,7 +159,7 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(signal / noise)
 
 
-def quantize_model(fp32_path: Path, out_path: Path, train_pixels: np.ndarray, test_pixels: np.ndarray,
+def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, test_pixels: np.ndarray,
                    test_labels: np.ndarray, config: QuantizationConfig,
                    progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
                    metadata: dict[str, str] | None = None) -> dict[str, Any]:
@@ -172,7 +174,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_pixels: np.ndarray, te
     def bar(description: str, total: int) -> Callable[[int], None] | None:
         return progress(description, total) if progress else None
 
-    calib = calibration_images(train_pixels, config.calibration_size, config.seed)
+    calib = calibration_images(train_images, config.calibration_size, config.seed)
     fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels,
                             progress=bar("evaluate FP32", len(test_pixels)))
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
@@ -195,7 +197,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_pixels: np.ndarray, te
             if drop <= config.max_accuracy_drop + 1e-9:
                 break
             if ranking is None:
-                probe = calibration_images(train_pixels, 128, config.seed + 1)  # real data, not the calibration set
+                probe = calibration_images(train_images, 128, config.seed + 1)  # real data, not the calibration set
                 ranking = sensitivity_ranking(pre, candidate, probe)
             keep_float = max(1, 2 * keep_float)
             if keep_float >= len(ranking):  # every quantized tensor in float: no INT8 model worth the name

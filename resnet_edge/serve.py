@@ -18,7 +18,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import uvicorn
@@ -40,7 +40,7 @@ ACCEPTED_SHAPES = "[N, 1, 28, 28], [N, 28, 28] or [N, 784]"
 @dataclass
 class ServerConfig:
     model_path: Path
-    model_name: str
+    model_name: str | None = None  # the name in the URLs; None: the architecture in the model's metadata
     provider: str = "cpu"
     threads: int | None = None
     max_batch_size: int = 64  # rows per ONNX Runtime call
@@ -250,6 +250,8 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
 
     session = session or create_session(config.model_path, config.provider, threads=config.threads)
     meta = dict(session.get_modelmeta().custom_metadata_map)
+    if config.model_name is None:
+        config.model_name = meta.get("architecture") or Path(config.model_path).name.split(".")[0]
     metadata_body = model_metadata(config.model_name, meta)
     state: dict[str, Any] = {"ready": False}
 
@@ -383,9 +385,13 @@ class _GracefulServer(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight and returns."""
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          announce: Callable[[ServerConfig], None] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight and returns.
+    ``announce`` is called once the model is loaded (the model name is known then)."""
     app = create_app(config)  # a missing or broken model fails here, before the port is opened
+    if announce is not None:
+        announce(config)
     kwargs: dict[str, Any] = {}
     try:
         import uvloop  # noqa: F401

@@ -272,3 +272,12 @@ def test_serving_and_predict_never_import_torch(trained_run, tmp_path):
             f"r = CliRunner().invoke(app, ['predict', {str(png)!r}, '--run', {str(run)!r}]); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_name_defaults_to_the_architecture(trained_run):
+    from resnet_edge.serve import ServerConfig, create_app
+
+    run, _, _ = trained_run
+    config = ServerConfig(model_path=run / "model.int8.onnx")
+    create_app(config)
+    assert config.model_name == "resnet8"
