@@ -13,24 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import UserError
+from .machine import ISA_FLAGS
+from .variants import recommend
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("torch", "onnx-fp32", "onnx-int8")
 FILES = {"torch": "checkpoint.pt", "onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 @dataclass
@@ -55,46 +54,9 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------ machine
 def describe_machine(threads: int | None, include_torch: bool) -> dict[str, Any]:
     """CPU model, the ISA flags that decide INT8 speed, cores, GPU and versions (no torch import)."""
-    cpu_model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model in ("", platform.machine(), platform.processor()):
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    try:
-        import psutil
+    from .machine import machine
 
-        physical = psutil.cpu_count(logical=False)
-    except Exception:
-        physical = None
-    gpu = None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            gpu = out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-
-    def version(name: str) -> str | None:
-        try:
-            return importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            return None
-
-    import onnxruntime as ort
-
-    versions = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    if include_torch:
-        versions["torch"] = version("torch")
-    return {
-        "cpu": cpu_model, "isa": {f: f in flags for f in ISA_FLAGS}, "logical_cores": os.cpu_count(),
-        "physical_cores": physical, "threads": threads, "gpu": gpu, "platform": platform.platform(),
-        "onnxruntime_providers": ort.get_available_providers(), "versions": versions,
-    }
+    return machine(threads, include_torch)
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -317,8 +279,56 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
               "settings": asdict(config), "machine": describe_machine(config.threads, config.torch),
               "rows": rows, "variants": per_variant}
     report["ratios"] = ratios(rows)
+    if "onnx-int8" in variants:
+        from .int8 import cpu_problem
+        from .machine import cpu_info
+
+        per_variant["onnx-int8"]["float_convolutions"] = float_convolutions(run_dir / FILES["onnx-int8"])
+        per_variant["onnx-int8"]["cpu_problem"] = cpu_problem(_proto(run_dir / FILES["onnx-int8"]), cpu_info())
+    report["recommendation"] = recommend(rows, _eligibility(export, per_variant))
     report["diagnoses"] = diagnose(report)
     return report
+
+
+def _proto(path: Path) -> Any:
+    from .runtime import check_model_file
+
+    return check_model_file(path)
+
+
+def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> dict[str, str | None]:
+    """None for a variant that may be recommended, else why not (accuracy guard, CPU it cannot run on)."""
+    out: dict[str, str | None] = {v: None for v in per_variant if v != "torch"}
+    if "onnx-int8" in out:
+        int8 = (export or {}).get("int8") or {}
+        guard = ((export or {}).get("settings", {}).get("quantization") or {}).get("max_accuracy_drop")
+        drop = int8.get("accuracy_drop_points")
+        if per_variant["onnx-int8"].get("cpu_problem"):
+            out["onnx-int8"] = "it would saturate on this CPU"
+        elif drop is None or guard is None:
+            out["onnx-int8"] = "no export.json accuracy figures for it"
+        elif drop > guard + 1e-9:
+            out["onnx-int8"] = f"it loses {drop:.2f} points, over the guard of {guard:g}"
+    return out
+
+
+def float_convolutions(int8_path: Path) -> dict[str, int]:
+    """After ONNX Runtime's CPU graph optimizations, how many convolutions run in int8 (QLinearConv)
+    and how many stay float Conv between DequantizeLinear and QuantizeLinear."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    ops = [n.op_type for n in graph.node]
+    float_conv = sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
+    return {"int8": sum(op in ("QLinearConv", "NhwcQLinearConv") for op in ops), "float": float_conv}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -345,19 +355,26 @@ def diagnose(report: dict[str, Any]) -> list[str]:
     """What a user needs to know when the numbers look wrong: INT8 slower than FP32, provider fallbacks."""
     notes = []
     isa, provider = report["machine"]["isa"], report["provider"]
+    conv = (report["variants"].get("onnx-int8") or {}).get("float_convolutions") or {}
     for r in report["ratios"]:
         if r["variant"] == "onnx-int8" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
             if provider not in ("cpu", "CPUExecutionProvider"):
                 cause = (f"QDQ INT8 on {provider} without TensorRT: the quantized operators have no kernels there "
                          "and run on the CPU, with copies between devices")
-            elif not (isa.get("avx512_vnni") or isa.get("avx_vnni") or isa.get("amx_int8")):
-                cause = "this CPU has no VNNI/AMX int8 dot-product instructions"
+            elif conv.get("float"):
+                cause = (f"{conv['float']} of its {conv['float'] + conv.get('int8', 0)} convolutions stay float Conv "
+                         "between DequantizeLinear and QuantizeLinear after ONNX Runtime's fusions")
+            elif not report["machine"].get("int8_dot_product", any(isa.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))):
+                cause = ("this CPU has no int8 dot-product instructions (VNNI/AMX/dotprod): its int8 kernels "
+                         "multiply in 16-bit pairs, little faster than FP32 FMA")
             elif r["batch_size"] == 1:
                 cause = "batch 1 is overhead-bound: the Quantize/Dequantize steps cost more than the int8 math saves"
             else:
                 cause = "the model is small enough that quantize/dequantize overhead outweighs the int8 math"
             notes.append(f"INT8 is {1 / r['speedup_p50']:.2f}x slower than FP32 at batch {r['batch_size']}: {cause}.")
     for v, info in report["variants"].items():
+        if info.get("cpu_problem"):
+            notes.append(f"{v}: {info['cpu_problem']}.")
         placement = info.get("nodes_per_provider") or {}
         fallback = {k: n for k, n in placement.items() if k == "CPUExecutionProvider"}
         if fallback and len(placement) > 1:
@@ -392,6 +409,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "| batch | variant | against | p50 speed-up |", "|---:|---|---|---:|"]
     for r in report["ratios"]:
         lines.append(f"| {r['batch_size']} | {r['variant']} | {r['baseline']} | {r['speedup_p50']:.2f}x |")
+    if report.get("recommendation"):
+        lines += ["", "Recommendation on this machine (fastest variant within the accuracy guard):", ""]
+        for workload, r in report["recommendation"].items():
+            lines.append(f"- {workload} (batch {r['batch_size']}): **{r['variant']}**: {r['why']}")
     if report["diagnoses"]:
         lines += ["", "Diagnoses:", ""] + [f"- {d}" for d in report["diagnoses"]]
     return "\n".join(lines) + "\n"

@@ -70,6 +70,10 @@ def _resolve_run(run: Optional[Path]) -> Path:
     return found
 
 
+VARIANT_HELP = ("Which model of the run: auto (what the run's bench.json measured fastest on this CPU, else INT8 "
+                "on CPUs with int8 dot-product instructions, else FP32) | fp32 | int8.")
+
+
 # ---------------------------------------------------------------------------------------------- train
 class RichTrainReporter:
     """A progress bar per epoch with loss, images/s and time left; a line with test accuracy after it."""
@@ -203,12 +207,12 @@ def export_cli(
     calibration_size: int = typer.Option(QuantizationConfig.calibration_size, help="Training images to calibrate activation ranges on."),
     calibration_method: str = typer.Option(QuantizationConfig.method, help="minmax | entropy | percentile"),
     max_accuracy_drop: float = typer.Option(QuantizationConfig.max_accuracy_drop, help="Points of test accuracy INT8 may lose; worse layers stay float."),
-    activation_type: str = typer.Option(QuantizationConfig.activation_type, help="uint8 (U8S8, fastest with ONNX Runtime on x86) | int8 (S8S8) activations."),
+    scheme: str = typer.Option(QuantizationConfig.scheme, help="INT8 scheme: portable (uint8 activations, weights in [-64, 64]: same accuracy on every CPU) | vnni (8-bit weights: exact only on CPUs with VNNI/AMX/ARM dotprod) | s8s8 (int8 activations)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
-                                 max_accuracy_drop=max_accuracy_drop, activation_type=activation_type)
+                                 max_accuracy_drop=max_accuracy_drop, scheme=scheme)
     if not 7 <= opset <= 25:
         raise UserError(f"--opset must be between 7 and 25, got {opset}")
     run_dir = _resolve_run(run)
@@ -244,17 +248,26 @@ def eval_cli(
     provider: str = typer.Option("cpu", help="ONNX Runtime execution provider (cpu, cuda, or a full name)."),
     data_dir: Optional[Path] = typer.Option(None, help="MNIST-format folder (default: the bundled MNIST)."),
     batch_size: int = typer.Option(500, help="Images per inference call."),
+    variant: str = typer.Option("auto", help=VARIANT_HELP + " all: the checkpoint and both models."),
 ) -> None:
     """Test accuracy and images/s of a model (.onnx through ONNX Runtime, no torch; .pt through PyTorch)."""
     from .evaluate import evaluate_file
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if model is not None:
+    if variant == "all" and model is None:
+        from .variants import check_same_checkpoint
+
+        run_dir = _resolve_run(run)
+        check_same_checkpoint(run_dir)
+        paths = [p for p in (run_dir / "checkpoint.pt", run_dir / "model.onnx", run_dir / "model.int8.onnx") if p.exists()]
+        for p in paths:
+            if p.suffix == ".onnx":
+                _saturation_check(p, provider, refuse=False)
+    elif model is not None and model.suffix == ".pt":
         paths = [model]
     else:
-        run_dir = _resolve_run(run)
-        paths = [p for p in (run_dir / "checkpoint.pt", run_dir / "model.onnx", run_dir / "model.int8.onnx") if p.exists()]
+        paths = [_choose_model(run, model, variant, "throughput", provider, refuse_saturating=False)]
     table = Table(title="test accuracy")
     for col in ("model", "runtime", "test accuracy", "images/s"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
@@ -323,24 +336,50 @@ def _print_bench(report: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- serve, predict
-def _resolve_model(run: Optional[Path], model: Optional[Path]) -> Path:
-    """--model PATH, else the run's INT8 model, else its FP32 model."""
+def _choose_model(run: Optional[Path], model: Optional[Path], variant: str, workload: str, provider: str,
+                  refuse_saturating: bool = True) -> Path:
+    """--model PATH, else the run's variant chosen for this machine; says which file and why on stderr.
+
+    An INT8 model that would saturate on this CPU is refused by serve/predict (its answers would not be
+    the accuracy measured at export) and only warned about by eval/bench, which measure what happens.
+    """
+    from .variants import choose_model
+
     if run is not None and model is not None:
         raise UserError("give --run or --model, not both")
+    if model is not None and variant != "auto":
+        raise UserError("give --variant or --model, not both")
     if model is not None:
-        return model
-    run_dir = _resolve_run(run)
-    for name in ("model.int8.onnx", "model.onnx"):
-        if (run_dir / name).exists():
-            return run_dir / name
-    raise UserError(f"{run_dir}: no model.int8.onnx or model.onnx (run `resnet-edge export --quantize` first)")
+        path, reason = model, ""
+    else:
+        choice = choose_model(_resolve_run(run), variant, workload, provider)
+        path, reason = choice.path, choice.reason
+    _saturation_check(path, provider, refuse=refuse_saturating)
+    if model is None:  # a file the user named needs no announcement
+        err_console.print(f"using {path} ({reason})", highlight=False, soft_wrap=True)
+    return path
+
+
+def _saturation_check(path: Path, provider: str, refuse: bool) -> None:
+    from .int8 import cpu_problem
+    from .machine import cpu_info
+    from .runtime import check_model_file, provider_name
+
+    if provider_name(provider) != "CPUExecutionProvider":
+        return
+    problem = cpu_problem(check_model_file(path), cpu_info())
+    if problem and refuse:
+        raise UserError(f"{path}: {problem}")
+    if problem:
+        err_console.print(f"warning: {path}: {problem}", highlight=False, soft_wrap=True, style="bold yellow")
 
 
 @app.command("serve")
 @user_errors
 def serve_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
-    model: Optional[Path] = typer.Option(None, help="An .onnx model (default: the run's INT8 model)."),
+    model: Optional[Path] = typer.Option(None, help="An .onnx model (default: chosen from the run, see --variant)."),
+    variant: str = typer.Option("auto", help=VARIANT_HELP),
     model_name: Optional[str] = typer.Option(None, help="Name in the URLs (default: the architecture)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
@@ -356,7 +395,7 @@ def serve_cli(
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
-    config = ServerConfig(model_path=_resolve_model(run, model), model_name=model_name, provider=provider,
+    config = ServerConfig(model_path=_choose_model(run, model, variant, "throughput", provider), model_name=model_name, provider=provider,
                           threads=threads, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                           max_queue=max_queue, max_body_bytes=max_body_bytes)
 
@@ -372,7 +411,8 @@ def serve_cli(
 def predict_cli(
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) of single digits."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
-    model: Optional[Path] = typer.Option(None, help="An .onnx model (default: the run's INT8 model)."),
+    model: Optional[Path] = typer.Option(None, help="An .onnx model (default: chosen from the run, see --variant)."),
+    variant: str = typer.Option("auto", help=VARIANT_HELP),
     provider: str = typer.Option("cpu", help="ONNX Runtime execution provider."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {path, digit, probabilities}."),
 ) -> None:
@@ -384,7 +424,7 @@ def predict_cli(
     from .preprocess import image_to_pixels
     from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, softmax
 
-    session = create_session(_resolve_model(run, model), provider)
+    session = create_session(_choose_model(run, model, variant, "latency", provider), provider)
     results = []
     for path in images:
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from torch import nn
 
 from .data import IMAGE_SIZE, NUM_CLASSES
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, write_json
 from .runtime import INPUT_NAME, OUTPUT_NAME, create_session
 
 log = logging.getLogger(__name__)
@@ -178,17 +180,50 @@ EXPORT_REPORT = "export.json"
 
 def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = False,
                qconfig: Any = None, progress: Any = None) -> dict[str, Any]:
-    """The `export` stage: checkpoint.pt -> model.onnx (checked) [-> model.int8.onnx (guarded)] + export.json."""
-    import time
+    """The `export` stage: checkpoint.pt -> model.onnx (checked) [-> model.int8.onnx (guarded)] + export.json.
 
+    Everything is made in a staging folder inside the run and moved into place only when all of it
+    passed its checks: stale files of an earlier export (an INT8 model or export.json from another
+    checkpoint) are removed first, export.json goes last. A failed or interrupted export therefore
+    never leaves files from two checkpoints side by side.
+    """
+    import shutil
+    import tempfile
+
+    from .files import ensure_writable_dir
+    from .train import CHECKPOINT, load_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)  # a missing or bad checkpoint: one clear error, nothing made
+    ensure_writable_dir(run_dir)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+        stage = Path(tmp)
+        report = _export_to(stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress)
+        removed = []
+        for name in (EXPORT_REPORT, INT8_NAME, FP32_NAME):  # the report first: it vouches for the models
+            if (run_dir / name).exists() and not (stage / name).exists():
+                (run_dir / name).unlink()
+                removed.append(name)
+        report["removed_stale"] = [n for n in removed if n != EXPORT_REPORT]
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(stage / EXPORT_REPORT, report)
+        for name in (FP32_NAME, INT8_NAME, EXPORT_REPORT):
+            if (stage / name).exists():
+                os.replace(stage / name, run_dir / name)
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, quantize: bool, qconfig: Any,
+               progress: Any) -> dict[str, Any]:
+    """Write model.onnx [and model.int8.onnx] into ``stage``; return export.json's content (paths final)."""
     from .data import load_dataset, to_pixels
-    from .files import write_json
+    from .machine import machine
     from .quantize import QuantizationConfig, quantize_model
-    from .train import CHECKPOINT, file_sha256, load_checkpoint, model_from_checkpoint, versions
+    from .train import CHECKPOINT, file_sha256, model_from_checkpoint, versions
 
     t0 = time.perf_counter()
     ckpt_path = run_dir / CHECKPOINT
-    ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, ckpt_path)
     config = ckpt["config"]
     dataset = load_dataset(config.get("data_dir"))
@@ -197,33 +232,38 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
     checkpoint_accuracy = history[-1]["test_accuracy"] if history else None
     mean, std = float(model.normalize.mean.item()), float(model.normalize.std.item())
     meta = metadata(config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions())
-    fp32_path = run_dir / FP32_NAME
+    fp32_path = stage / FP32_NAME
     parity = export_onnx(model, fp32_path, test_pixels[:max(PARITY_BATCH_SIZES)], meta, opset)
     log.info("wrote %s (%d bytes) in %.1f s", fp32_path, fp32_path.stat().st_size, time.perf_counter() - t0)
     report: dict[str, Any] = {
         "arch": config["arch"],
         "checkpoint": {"path": str(ckpt_path), "sha256": meta["source_checkpoint_sha256"],
                        "test_accuracy": checkpoint_accuracy},
-        "fp32": {"path": str(fp32_path), "bytes": fp32_path.stat().st_size},
+        "fp32": {"path": str(run_dir / FP32_NAME), "bytes": fp32_path.stat().st_size},
         "parity": [{"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal}
                    for r in parity],
         "parity_tolerance": PARITY_ATOL,
         "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize},
         "versions": versions(),
+        # Accuracy figures below were measured with ONNX Runtime on this machine's CPU.
+        "evaluated_on": machine(gpu=False),
     }
     if quantize:
         qconfig = qconfig or QuantizationConfig()
-        int8_path = run_dir / INT8_NAME
+        int8_path = stage / INT8_NAME
         q = quantize_model(fp32_path, int8_path, dataset.train_images, test_pixels, test_labels,
                            qconfig, progress=progress, metadata=meta)
         report["fp32"].update(test_accuracy=q["fp32_accuracy"], images_per_second=q["fp32_images_per_second"])
+        holds = ("on every CPU: no int8 kernel can saturate on its weights" if q["saturation_free"] else
+                 "only on CPUs with int8 dot-product instructions (VNNI, AMX, ARM dotprod)")
         report["int8"] = {
-            "path": str(int8_path), "bytes": int8_path.stat().st_size, "test_accuracy": q["int8_accuracy"],
+            "path": str(run_dir / INT8_NAME), "bytes": int8_path.stat().st_size, "test_accuracy": q["int8_accuracy"],
             "top1_agreement": q["top1_agreement"], "accuracy_drop_points": q["accuracy_drop_points"],
             "logits_sqnr_db": q["logits_sqnr_db"], "images_per_second": q["int8_images_per_second"],
             "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
             "float_nodes": q["excluded_nodes"], "graph_nodes": q["graph_nodes"],
-            "guard_rounds": q["rounds"],
+            "guard_rounds": q["rounds"], "scheme": q["scheme"], "max_abs_weight": q["max_abs_weight"],
+            "saturation_free": q["saturation_free"], "accuracy_holds": holds,
         }
         report["settings"]["quantization"] = {**asdict(qconfig), "format": "QDQ", "weight_type": "int8",
                                               "calibration_images": q["calibration_images"]}
@@ -232,6 +272,4 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
 
         fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels)
         report["fp32"].update(test_accuracy=fp32.accuracy, images_per_second=fp32.images_per_second)
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(run_dir / EXPORT_REPORT, report)
     return report

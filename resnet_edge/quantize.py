@@ -1,10 +1,11 @@
 """Static INT8 quantization with onnxruntime.quantization, guarded by test accuracy.
 
-Recipe: pre-processing (shape inference + graph optimization), QDQ format, signed int8 weights per
-output channel, activations calibrated on training images, uint8 by default (see QuantizationConfig:
-int8 activations, ONNX Runtime's usual advice for x86, measured 2x slower than FP32 here). Both models are then evaluated on the whole test set; when INT8 loses more than
-``max_accuracy_drop`` points, the layers whose activations are quantized worst (signal-to-quantization
-noise, onnxruntime's qdq_loss_debug) are kept in float, more of them each round, until the guard holds.
+Recipe: pre-processing (shape inference + graph optimization), QDQ format, int8 weights per output
+channel, activations calibrated on training images, in the scheme of int8.py (default "portable":
+uint8 activations, weights in [-64, 64], exact on every CPU). Both models are then evaluated on the
+whole test set; when INT8 loses more than ``max_accuracy_drop`` points, the activation tensors whose
+own quantize-dequantize is worst (our ranking: SNR of each tensor on real images, graph input
+included) are kept in float, more of them each round, until the guard holds.
 No torch here: quantization and its checks run on ONNX Runtime alone.
 """
 
@@ -22,6 +23,8 @@ import numpy as np
 from .data import to_pixels
 from .errors import UserError
 from .files import atomic_path
+from .int8 import DEFAULT_SCHEME, audit_weights
+from .int8 import scheme as int8_scheme
 from .runtime import INPUT_NAME, create_session, evaluate_session
 
 log = logging.getLogger(__name__)
@@ -37,11 +40,11 @@ class AccuracyGuardError(UserError):
 class QuantizationConfig:
     calibration_size: int = 512  # training images the activation ranges are calibrated on
     method: str = "minmax"  # minmax | entropy | percentile
-    # uint8 (U8S8) by default: ONNX Runtime's x86 CPU kernels fuse every QDQ Conv of our models into
-    # QLinearConv only with uint8 activations; with int8 (S8S8) it left 6 of resnet8's 9 convolutions
-    # as float Conv between Dequantize/Quantize, 2x slower than FP32 (measured, AVX-512 VNNI Xeon).
-    # VNNI has no U8S8 saturation problem; on older CPUs the accuracy guard catches any loss.
-    activation_type: str = "uint8"  # uint8 (U8S8) | int8 (S8S8)
+    # "portable" (uint8 activations, int8 weights in [-64, 64]) by default: its accuracy is the same on
+    # every CPU, since no int8 kernel can saturate on it (see int8.py). uint8 activations because ONNX
+    # Runtime's x86 kernels fuse every QDQ Conv of our models into QLinearConv only with them (S8S8 left
+    # 6 of resnet8's 9 convolutions in float, 2x slower than FP32 on an AVX-512 VNNI Xeon).
+    scheme: str = DEFAULT_SCHEME  # portable | vnni | s8s8 (int8.SCHEMES)
     per_channel: bool = True  # one weight scale per output channel
     max_accuracy_drop: float = 0.1  # points of test accuracy INT8 may lose against FP32
     calibration_batch_size: int = 64
@@ -52,10 +55,13 @@ class QuantizationConfig:
             raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.calibration_size < 1:
             raise UserError(f"--calibration-size must be at least 1, got {self.calibration_size}")
-        if self.activation_type not in ("int8", "uint8"):
-            raise UserError(f"--activation-type must be uint8 or int8, got {self.activation_type!r}")
-        if self.max_accuracy_drop < 0:
+        int8_scheme(self.scheme)  # validates the name
+        if not self.max_accuracy_drop >= 0:
             raise UserError(f"--max-accuracy-drop must be >= 0 points, got {self.max_accuracy_drop}")
+
+    @property
+    def activation_type(self) -> str:
+        return int8_scheme(self.scheme).activation_type
 
 
 class _Batches:
@@ -96,9 +102,11 @@ def _quantize(pre_path: Path, out_path: Path, calib: np.ndarray, config: Quantiz
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
-    act = QuantType.QInt8 if config.activation_type == "int8" else QuantType.QUInt8
+    scheme = int8_scheme(config.scheme)
+    act = QuantType.QInt8 if scheme.activation_type == "int8" else QuantType.QUInt8
     quantize_static(str(pre_path), str(out_path), _Batches(calib, config.calibration_batch_size, progress),
                     quant_format=QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
+                    reduce_range=scheme.reduce_range,
                     weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude or None,
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
@@ -212,10 +220,12 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         props = dict(metadata or {})
         props["quantization"] = json.dumps({**asdict(config), "format": "QDQ", "weight_type": "int8",
                                             "excluded_nodes": exclude})
+        props["int8_scheme"] = json.dumps(int8_scheme(config.scheme).metadata())
         onnx.helper.set_model_props(model, props)
         with atomic_path(out_path) as final:
             onnx.save(model, str(final))
     agreement = float((int8.predictions == fp32.predictions).mean())
+    audit = audit_weights(model)
     return {
         "fp32_accuracy": fp32.accuracy,
         "fp32_images_per_second": fp32.images_per_second,
@@ -228,4 +238,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         "graph_nodes": len(graph_nodes),
         "rounds": rounds,
         "calibration_images": len(calib),
+        "scheme": int8_scheme(config.scheme).metadata(),
+        "max_abs_weight": audit.max_abs_weight if audit else None,
+        "saturation_free": audit.saturation_free if audit else None,
     }

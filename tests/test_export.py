@@ -196,7 +196,7 @@ def test_eval_refuses_a_model_outside_the_contract(tmp_path):
 
 def test_eval_reports_the_run_models(trained_run):
     run, report, export = trained_run
-    result = runner.invoke(app, ["eval", "--run", str(run)])
+    result = runner.invoke(app, ["eval", "--run", str(run), "--variant", "all"])
     assert result.exit_code == 0, result.output
     assert f"{100 * export['int8']['test_accuracy']:.2f} %" in result.stdout
     assert f"{100 * export['fp32']['test_accuracy']:.2f} %" in result.stdout

@@ -1,0 +1,150 @@
+"""Which model of a run to deploy on this machine, and why: measured when we can, reasoned when not.
+
+Order of evidence for `serve`, `predict` and `eval` (unless --variant or --model says otherwise):
+1. the run's bench.json, when it was measured on this CPU model with the same ISA flags and the same
+   execution provider: its recommendation for the workload (batch-1 latency or large-batch throughput);
+2. otherwise INT8 on a CPU with int8 dot-product instructions (VNNI, AMX, ARM dotprod), FP32 elsewhere
+   and on GPUs (QDQ INT8 has no CUDA kernels; see bench's diagnoses).
+An INT8 model that would saturate on this CPU, or a pair of models made from different checkpoints,
+is never picked silently. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .machine import CpuInfo, cpu_info
+
+FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8"}
+VARIANT_CHOICES = ("auto", "fp32", "int8")
+WORKLOADS = ("latency", "throughput")
+
+
+@dataclass(frozen=True)
+class Choice:
+    path: Path
+    variant: str  # fp32 | int8 | file (a --model path)
+    reason: str
+
+    def describe(self) -> str:
+        return f"using {self.path} ({self.reason})"
+
+
+def _props(path: Path) -> dict[str, str]:
+    from .runtime import check_model_file
+
+    return {p.key: p.value for p in check_model_file(path).metadata_props}
+
+
+def check_same_checkpoint(run_dir: Path) -> None:
+    """Refuse a run whose model.onnx, model.int8.onnx and export.json come from different checkpoints."""
+    sources: dict[str, str] = {}
+    for variant, name in FILES.items():
+        if (run_dir / name).exists():
+            sha = _props(run_dir / name).get("source_checkpoint_sha256")
+            if sha:
+                sources[name] = sha
+    try:
+        report = json.loads((run_dir / "export.json").read_text())
+        if isinstance(report, dict) and isinstance(report.get("checkpoint"), dict) and report["checkpoint"].get("sha256"):
+            sources["export.json"] = report["checkpoint"]["sha256"]
+    except (OSError, ValueError):
+        pass
+    if len(set(sources.values())) > 1:
+        listing = ", ".join(f"{k} from {v[:12]}" for k, v in sources.items())
+        raise UserError(f"{run_dir}: its files come from different checkpoints ({listing}); "
+                        f"run `resnet-edge export --run {run_dir} --quantize` again")
+
+
+def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuInfo) -> tuple[str, str] | None:
+    """(variant, reason) from the run's bench.json when it was measured here; None otherwise."""
+    try:
+        report = json.loads((run_dir / "bench.json").read_text())
+        rec = report["recommendation"][workload]
+        measured_on = report["machine"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    from .runtime import provider_name
+
+    if not cpu.same_as(measured_on) or provider_name(str(report.get("provider"))) != provider_name(provider):
+        return None
+    variant = {v: k for k, v in BENCH_NAMES.items()}.get(rec.get("variant"))
+    if variant is None or not (run_dir / FILES[variant]).exists():
+        return None
+    return variant, f"bench.json, measured on this CPU, recommends it for {workload}: {rec.get('why', '')}".rstrip(": ")
+
+
+def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughput", provider: str = "cpu",
+                 cpu: CpuInfo | None = None) -> Choice:
+    if variant not in VARIANT_CHOICES:
+        raise UserError(f"--variant must be one of {', '.join(VARIANT_CHOICES)}, got {variant!r}")
+    available = {v: run_dir / n for v, n in FILES.items() if (run_dir / n).exists()}
+    if not available:
+        raise UserError(f"{run_dir}: no model.onnx or model.int8.onnx (run `resnet-edge export --quantize` first)")
+    check_same_checkpoint(run_dir)
+    cpu = cpu or cpu_info()
+    if variant != "auto":
+        if variant not in available:
+            raise UserError(f"{run_dir}: no {FILES[variant]} (run `resnet-edge export"
+                            + (" --quantize" if variant == "int8" else "") + "` first)")
+        return Choice(available[variant], variant, f"--variant {variant}")
+    if "int8" not in available:
+        return Choice(available["fp32"], "fp32", "the run has no INT8 model")
+    if "fp32" not in available:
+        return Choice(available["int8"], "int8", "the run has no FP32 model")
+    from .int8 import cpu_problem
+    from .runtime import check_model_file, provider_name
+
+    if provider_name(provider) == "CPUExecutionProvider" and cpu_problem(check_model_file(available["int8"]), cpu):
+        return Choice(available["fp32"], "fp32", "the INT8 model needs int8 dot-product instructions this CPU lacks")
+    measured = bench_recommendation(run_dir, workload, provider, cpu)
+    if measured:
+        return Choice(available[measured[0]], measured[0], measured[1])
+    if provider_name(provider) != "CPUExecutionProvider":
+        return Choice(available["fp32"], "fp32", f"no bench.json measured here on {provider}; QDQ INT8 runs its "
+                      "quantized operators on the CPU with most GPU providers")
+    if cpu.int8_dot_product:
+        return Choice(available["int8"], "int8", "this CPU has int8 dot-product instructions "
+                      f"({cpu.isa_summary}); no bench.json measured on it (`resnet-edge bench` measures)")
+    return Choice(available["fp32"], "fp32", "this CPU has no int8 dot-product instructions (VNNI/AMX/dotprod), "
+                  "where INT8 is often no faster; no bench.json measured on it (`resnet-edge bench` measures)")
+
+
+def recommend(rows: list[dict[str, Any]], eligible: dict[str, str | None], min_margin: float = 1.05) -> dict[str, Any]:
+    """Per workload, the fastest eligible ONNX variant at its batch size, from bench rows.
+
+    ``eligible`` maps a bench variant name to None (eligible) or the reason it is not. INT8 must beat
+    FP32 by ``min_margin`` (5 %, beyond run-to-run noise) to be recommended: a tie goes to FP32, which
+    needs no accuracy caveat.
+    """
+    out: dict[str, Any] = {}
+    batches = sorted({r["batch_size"] for r in rows})
+    if not batches:
+        return out
+    for workload, bs in (("latency", batches[0]), ("throughput", batches[-1])):
+        cells = {r["variant"]: r for r in rows if r["batch_size"] == bs and r["variant"] in BENCH_NAMES.values()}
+        fp32, int8 = cells.get("onnx-fp32"), cells.get("onnx-int8")
+        if fp32 is None and int8 is None:
+            continue
+        entry: dict[str, Any] = {"batch_size": bs}
+        if int8 is not None and fp32 is not None:
+            speedup = fp32["p50_ms"] / int8["p50_ms"]
+            entry["int8_vs_fp32"] = speedup
+            if eligible.get("onnx-int8") is not None:
+                entry.update(variant="onnx-fp32", why=f"INT8 not eligible: {eligible['onnx-int8']}")
+            elif speedup >= min_margin:
+                entry.update(variant="onnx-int8", why=f"INT8 {speedup:.2f}x faster than FP32 at batch {bs} (p50)")
+            else:
+                entry.update(variant="onnx-fp32",
+                             why=f"INT8 is {speedup:.2f}x FP32 at batch {bs} (p50), under the {min_margin:.2f}x "
+                                 "needed to be worth its accuracy risk")
+        else:
+            only = "onnx-fp32" if fp32 is not None else "onnx-int8"
+            entry.update(variant=only, why="the only ONNX variant measured")
+        out[workload] = entry
+    return out
