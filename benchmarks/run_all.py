@@ -80,9 +80,14 @@ def main() -> None:
             "export": {"fp32_accuracy": export["fp32"]["test_accuracy"], "int8_accuracy": export["int8"]["test_accuracy"],
                        "top1_agreement": export["int8"]["top1_agreement"], "fp32_bytes": export["fp32"]["bytes"],
                        "int8_bytes": export["int8"]["bytes"], "max_parity_diff": max(p["max_abs_diff"] for p in export["parity"]),
-                       "seconds": export["seconds"]},
+                       "seconds": export["seconds"], "scheme": export["int8"]["scheme"]["name"],
+                       "max_abs_weight": export["int8"]["max_abs_weight"],
+                       "saturation_free": export["int8"]["saturation_free"],
+                       "float_nodes": len(export["int8"]["float_nodes"]),
+                       "accuracy_drop_points": export["int8"]["accuracy_drop_points"]},
             "timings": timings, "cells": throughput, "ratios": ratios,
             "variants": benches[0]["variants"], "diagnoses": benches[0]["diagnoses"],
+            "recommendations": [b.get("recommendation") for b in benches],
         }
         summary["machine"] = benches[0]["machine"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -95,13 +100,14 @@ def render(summary: dict) -> str:
     isa = ", ".join(k for k, v in m["isa"].items() if v)
     lines = [f"Machine: {m['cpu']}, {m['logical_cores']} logical cores; ISA: {isa}; GPU: {m['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
-    lines += ["| model | train | FP32 acc | INT8 acc | agreement | FP32 size | INT8 size | parity max diff |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| model | train | FP32 acc | INT8 acc | agreement | FP32 size | INT8 size | INT8 scheme | nodes kept float | parity max diff |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for arch, s in summary["models"].items():
         t, e = s["train"], s["export"]
         lines.append(f"| {arch} | {t['epochs']} ep, {t['device']}, {t['seconds']:.0f} s | {100 * e['fp32_accuracy']:.2f} % | "
                      f"{100 * e['int8_accuracy']:.2f} % | {100 * e['top1_agreement']:.2f} % | {e['fp32_bytes'] / 1e6:.2f} MB | "
-                     f"{e['int8_bytes'] / 1e6:.2f} MB ({100 * e['int8_bytes'] / e['fp32_bytes']:.0f} %) | {e['max_parity_diff']:.1e} |")
+                     f"{e['int8_bytes'] / 1e6:.2f} MB ({100 * e['int8_bytes'] / e['fp32_bytes']:.0f} %) | "
+                     f"{e.get('scheme', '?')} (max |w| {e.get('max_abs_weight')}) | {e.get('float_nodes', '?')} | {e['max_parity_diff']:.1e} |")
     lines += ["", f"Latency and throughput on `{summary['provider']}` (medians of the bench runs):", "",
               "| model | variant | batch | p50 ms | p99 ms | images/s |", "|---|---|---:|---:|---:|---:|"]
     for arch, s in summary["models"].items():
@@ -112,6 +118,11 @@ def render(summary: dict) -> str:
     for arch, s in summary["models"].items():
         for key, r in s["ratios"].items():
             lines.append(f"| {arch} | {key} | {r['median']:.2f}x | {', '.join(f'{v:.2f}' for v in r['runs'])} | {100 * r['spread']:.0f} % |")
+    lines += ["", "Recommendation of each bench run (fastest variant within the accuracy guard):", ""]
+    for arch, s in summary["models"].items():
+        for i, rec in enumerate(s.get("recommendations") or []):
+            lines.append(f"- {arch} run {i + 1}: " + "; ".join(f"{w} (batch {r['batch_size']}): {r['variant']} ({r['why']})"
+                                                            for w, r in (rec or {}).items()))
     for arch, s in summary["models"].items():
         for d in s["diagnoses"]:
             lines.append(f"\n- {arch}: {d}")
