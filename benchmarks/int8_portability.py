@@ -46,7 +46,8 @@ def run_worker(model: Path, out: Path, emulate: str | None, limit: int) -> float
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({' '.join(cmd[:4])}...): {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"worker failed ({' '.join(cmd[:4])} ...): {last}")
     return time.perf_counter() - t0
 
 
@@ -63,6 +64,10 @@ def main() -> None:
     if args.worker:
         np.save(args.worker[1], predictions(args.worker[0], args.images))
         return
+    import platform
+
+    if platform.machine() != "x86_64":
+        raise SystemExit("runs this machine's x86_64 Python under qemu-x86_64: needs an x86_64 host")
     if shutil.which("qemu-x86_64") is None:
         raise SystemExit("needs qemu-x86_64 (apt-get install qemu-user)")
 

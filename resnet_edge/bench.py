@@ -246,7 +246,11 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
     """Measure every available variant of the run at every batch size; returns the bench.json content."""
     from .runtime import check_provider_available, create_session
 
+    from .files import file_sha256
+    from .variants import check_same_checkpoint
+
     check_provider_available(config.provider)
+    check_same_checkpoint(run_dir)
     variants = [v for v in VARIANTS if (v != "torch" or config.torch) and (run_dir / FILES[v]).exists()]
     if not any(v.startswith("onnx") for v in variants):
         raise UserError(f"{run_dir}: no model.onnx to benchmark (run `resnet-edge export --quantize` first)")
@@ -277,7 +281,9 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
         }
     report = {"run": str(run_dir), "arch": (train or export or {}).get("arch"), "provider": config.provider,
               "settings": asdict(config), "machine": describe_machine(config.threads, config.torch),
-              "rows": rows, "variants": per_variant}
+              "rows": rows, "variants": per_variant,
+              # what was measured, so a later choice can tell whether these figures are about the run's files
+              "files": {FILES[v]: file_sha256(run_dir / FILES[v]) for v in variants if v != "torch"}}
     report["ratios"] = ratios(rows)
     if "onnx-int8" in variants:
         from .int8 import cpu_problem

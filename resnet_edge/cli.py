@@ -265,6 +265,8 @@ def eval_cli(
             if p.suffix == ".onnx":
                 _saturation_check(p, provider, refuse=False)
     elif model is not None and model.suffix == ".pt":
+        if variant != "auto":
+            raise UserError("--variant chooses among a run's ONNX models; a .pt checkpoint has one")
         paths = [model]
     else:
         paths = [_choose_model(run, model, variant, "throughput", provider, refuse_saturating=False)]
@@ -331,6 +333,9 @@ def _print_bench(report: dict[str, Any]) -> None:
                       f"{r['throughput']:,.0f}", f"{vs_torch:.2f}x" if vs_torch else "",
                       f"{vs_fp32:.2f}x" if vs_fp32 else "")
     console.print(table)
+    for workload, r in (report.get("recommendation") or {}).items():
+        console.print(f"recommended for {workload} (batch {r['batch_size']}) on this machine: {r['variant']} ({r['why']})",
+                      highlight=False)
     for d in report["diagnoses"]:
         console.print(f"note: {d}", highlight=False, style="yellow")
 
@@ -363,9 +368,10 @@ def _choose_model(run: Optional[Path], model: Optional[Path], variant: str, work
 def _saturation_check(path: Path, provider: str, refuse: bool) -> None:
     from .int8 import cpu_problem
     from .machine import cpu_info
-    from .runtime import check_model_file, provider_name
+    from .runtime import check_model_file
+    from .variants import runs_int8_on_cpu
 
-    if provider_name(provider) != "CPUExecutionProvider":
+    if not runs_int8_on_cpu(provider):
         return
     problem = cpu_problem(check_model_file(path), cpu_info())
     if problem and refuse:

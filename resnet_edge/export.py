@@ -176,6 +176,7 @@ def export_onnx(model: nn.Module, out_path: Path, images: np.ndarray, meta: dict
 FP32_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 EXPORT_REPORT = "export.json"
+BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 
 
 def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = False,
@@ -199,19 +200,31 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
         stage = Path(tmp)
         report = _export_to(stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress)
-        removed = []
-        for name in (EXPORT_REPORT, INT8_NAME, FP32_NAME):  # the report first: it vouches for the models
-            if (run_dir / name).exists() and not (stage / name).exists():
-                (run_dir / name).unlink()
-                removed.append(name)
-        report["removed_stale"] = [n for n in removed if n != EXPORT_REPORT]
+        # Every file of the previous export goes before any new one comes in (the report first: it vouches
+        # for the models; bench results measured other files). Stopped anywhere in between, the run holds
+        # a subset of one export, never files of two.
+        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_NAME, FP32_NAME) if (run_dir / n).exists()]
+        report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
         report["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(stage / EXPORT_REPORT, report)
+        for name in stale:
+            (run_dir / name).unlink()
         for name in (FP32_NAME, INT8_NAME, EXPORT_REPORT):
             if (stage / name).exists():
                 os.replace(stage / name, run_dir / name)
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _check_scheme_measurable(name: str) -> None:
+    """A scheme that saturates on this CPU would be judged here by answers it does not give elsewhere."""
+    from .int8 import scheme
+    from .machine import cpu_info
+
+    cpu = cpu_info()
+    if scheme(name).requires_int8_dot_product and cpu.u8s8_saturates:
+        raise UserError(f"--scheme {name} needs a CPU with VNNI/AMX (or ARM) to be measured faithfully; this CPU "
+                        f"({cpu.model}) saturates on its 8-bit weights. Use the default --scheme portable")
 
 
 def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, quantize: bool, qconfig: Any,
@@ -250,6 +263,7 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
     }
     if quantize:
         qconfig = qconfig or QuantizationConfig()
+        _check_scheme_measurable(qconfig.scheme)
         int8_path = stage / INT8_NAME
         q = quantize_model(fp32_path, int8_path, dataset.train_images, test_pixels, test_labels,
                            qconfig, progress=progress, metadata=meta)

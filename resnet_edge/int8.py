@@ -36,15 +36,15 @@ class Scheme:
     requires_int8_dot_product: bool
     summary: str
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, per_channel: bool = True) -> dict[str, Any]:
         low, high = (-PORTABLE_MAX_ABS_WEIGHT, PORTABLE_MAX_ABS_WEIGHT) if self.reduce_range else (-127, 127)
         return {"name": self.name, "format": "QDQ", "activation_type": self.activation_type,
-                "weight_type": "int8", "weight_range": [low, high], "per_channel_weights": True,
+                "weight_type": "int8", "weight_range": [low, high], "per_channel_weights": per_channel,
                 "requires_cpu": REQUIREMENT if self.requires_int8_dot_product else None,
                 "summary": self.summary}
 
 
-REQUIREMENT = ("int8 dot-product instructions (x86: AVX512-VNNI, AVX-VNNI or AMX; ARM: dotprod); "
+REQUIREMENT = ("int8 dot-product instructions on x86 (AVX512-VNNI, AVX-VNNI or AMX), or an ARM CPU; "
                "on x86 CPUs without them (AVX2, AVX-512F) its 8-bit weights saturate and accuracy drops")
 
 SCHEMES = {
@@ -52,8 +52,7 @@ SCHEMES = {
                        "uint8 activations, int8 weights limited to [-64, 64]: no int8 kernel of any CPU can "
                        "saturate, so the accuracy measured at export holds on every CPU"),
     "vnni": Scheme("vnni", "uint8", False, True,
-                   "uint8 activations, full 8-bit weights: exact only on CPUs with int8 dot-product "
-                   "instructions (VNNI, AMX, ARM dotprod)"),
+                   "uint8 activations, full 8-bit weights: exact only on x86 CPUs with VNNI or AMX, and on ARM"),
     "s8s8": Scheme("s8s8", "int8", True, False,
                    "int8 activations, int8 weights limited to [-64, 64]; ONNX Runtime on x86 fuses fewer "
                    "of its convolutions than with uint8 activations (usually slower)"),
@@ -71,7 +70,6 @@ def scheme(name: str) -> Scheme:
 class WeightAudit:
     """What the file itself says about saturation, whatever its metadata claims."""
 
-    activation_types: tuple[str, ...]  # element types of the quantized activations (uint8 / int8)
     max_abs_weight: int  # over every int8 weight feeding a Conv, Gemm or MatMul
     weights_checked: int
     saturation_free: bool  # no uint8 x int8 pair sum can leave int16 on any CPU
@@ -80,45 +78,48 @@ class WeightAudit:
         return 2 * UINT8_MAX * self.max_abs_weight
 
 
+# Integer-math consumers and the inputs that may carry weights; shape-only ops we look through.
+_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "QLinearConv": (3,),
+                  "QLinearMatMul": (0, 3), "ConvInteger": (1,), "MatMulInteger": (0, 1), "QGemm": (0, 3),
+                  "MatMulIntegerToFloat": (0, 1), "DynamicQuantizeMatMul": (1,)}
+_PASS_THROUGH = {"Transpose", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze"}
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                  "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
 def audit_weights(proto: Any) -> WeightAudit | None:
-    """Inspect a QDQ model: the activation types and the largest |int8 weight| of every Conv/Gemm/MatMul.
-    None for a model with no quantized weights (FP32)."""
+    """The largest |int8 weight| of every Conv/Gemm/MatMul (through DequantizeLinear and shape-only ops).
+    None for a float model (no quantized op at all). A quantized graph whose weights cannot be found is
+    reported as not saturation-free: unknown is never taken for safe."""
     from onnx import TensorProto, numpy_helper
 
     graph = proto.graph
+    if not any(n.op_type in _QUANTIZED_OPS for n in graph.node):
+        return None
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    weight_inputs = set()
+    max_abs, checked, seen = 0, 0, set()
     for node in graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(node.input) > 1:
-            weight_inputs.add(node.input[1])
-        if node.op_type in ("QLinearConv", "QLinearMatMul") and len(node.input) > 3:
-            weight_inputs.add(node.input[3])
-        if node.op_type in ("ConvInteger", "MatMulInteger") and len(node.input) > 1:
-            weight_inputs.add(node.input[1])
-    max_abs, checked = 0, 0
-    for name in weight_inputs:
-        source = name
-        dq = producers.get(name)
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            source = dq.input[0]
-        tensor = inits.get(source)
-        if tensor is None or tensor.data_type != TensorProto.INT8:
-            continue
-        w = numpy_helper.to_array(tensor).astype(np.int32)
-        if w.size:
-            max_abs = max(max_abs, int(np.abs(w).max()))
-            checked += 1
+        for index in _WEIGHT_INPUTS.get(node.op_type, ()):
+            if index >= len(node.input):
+                continue
+            name = node.input[index]
+            for _ in range(8):  # walk back through shape-only ops and DequantizeLinear
+                producer = producers.get(name)
+                if producer is None or producer.op_type not in _PASS_THROUGH | {"DequantizeLinear"}:
+                    break
+                name = producer.input[0]
+            tensor = inits.get(name)
+            if tensor is None or name in seen or tensor.data_type != TensorProto.INT8:
+                continue
+            seen.add(name)
+            w = numpy_helper.to_array(tensor).astype(np.int32)
+            if w.size:
+                max_abs = max(max_abs, int(np.abs(w).max()))
+                checked += 1
     if not checked:
-        return None
-    act_types = set()
-    for node in graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] not in inits and len(node.input) > 2:
-            zp = inits.get(node.input[2])
-            if zp is not None:
-                act_types.add({TensorProto.UINT8: "uint8", TensorProto.INT8: "int8"}.get(zp.data_type, "other"))
-    return WeightAudit(tuple(sorted(act_types)), max_abs, checked,
-                       2 * UINT8_MAX * max_abs <= INT16_MAX)
+        return WeightAudit(max_abs_weight=127, weights_checked=0, saturation_free=False)
+    return WeightAudit(max_abs, checked, 2 * UINT8_MAX * max_abs <= INT16_MAX)
 
 
 def model_scheme(proto: Any) -> dict[str, Any] | None:
@@ -136,9 +137,10 @@ def cpu_problem(proto: Any, cpu: CpuInfo) -> str | None:
     can leave int16 is only exact on a CPU with int8 dot-product instructions.
     """
     audit = audit_weights(proto)
-    if audit is None or audit.saturation_free or cpu.int8_dot_product:
+    if audit is None or audit.saturation_free or not cpu.u8s8_saturates:
         return None
-    return (f"this INT8 model has weights up to |{audit.max_abs_weight}| (pair sums up to {audit.worst_pair_sum():,}, "
-            f"past int16's 32,767) and needs {REQUIREMENT}; this CPU ({cpu.model}) has none, so its answers "
+    found = (f"weights up to |{audit.max_abs_weight}| (pair sums up to {audit.worst_pair_sum():,}, past int16's "
+             "32,767)" if audit.weights_checked else "quantized weights we cannot locate")
+    return (f"this INT8 model has {found} and needs {REQUIREMENT}; this CPU ({cpu.model}) has none, so its answers "
             "would differ from the accuracy measured at export. Re-export with the default "
             "`--scheme portable`, or use the FP32 model")

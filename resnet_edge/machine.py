@@ -35,13 +35,21 @@ class CpuInfo:
         return any(self.isa.get(f) for f in X86_INT8_DOT)
 
     @property
+    def u8s8_saturates(self) -> bool:
+        """True on x86 CPUs without VNNI/AMX: ONNX Runtime's uint8 x int8 kernels there add product pairs
+        in saturating int16 (VPMADDUBSW). ARM kernels widen or use dot products: no saturation."""
+        return not self.is_arm and not self.int8_dot_product
+
+    @property
     def is_arm(self) -> bool:
         return self.arch.lower() in ("aarch64", "arm64") or self.arch.lower().startswith("arm")
 
     @property
     def isa_summary(self) -> str:
         on = [f for f, v in self.isa.items() if v]
-        return ", ".join(on) if on else "none of " + ", ".join(self.isa or ISA_FLAGS)
+        if on:
+            return ", ".join(on)
+        return "none of " + ", ".join(self.isa) if self.isa else "ISA flags unknown"
 
     def same_as(self, other: dict[str, Any] | None) -> bool:
         """Whether a machine description written earlier (``machine()`` output) is this CPU."""

@@ -220,7 +220,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         props = dict(metadata or {})
         props["quantization"] = json.dumps({**asdict(config), "format": "QDQ", "weight_type": "int8",
                                             "excluded_nodes": exclude})
-        props["int8_scheme"] = json.dumps(int8_scheme(config.scheme).metadata())
+        props["int8_scheme"] = json.dumps(int8_scheme(config.scheme).metadata(config.per_channel))
         onnx.helper.set_model_props(model, props)
         with atomic_path(out_path) as final:
             onnx.save(model, str(final))
@@ -238,7 +238,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         "graph_nodes": len(graph_nodes),
         "rounds": rounds,
         "calibration_images": len(calib),
-        "scheme": int8_scheme(config.scheme).metadata(),
+        "scheme": int8_scheme(config.scheme).metadata(config.per_channel),
         "max_abs_weight": audit.max_abs_weight if audit else None,
         "saturation_free": audit.saturation_free if audit else None,
     }

@@ -12,12 +12,23 @@ is never picked silently. Torch-free.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .machine import CpuInfo, cpu_info
+
+
+def runs_int8_on_cpu(provider: str) -> bool:
+    """Whether QDQ integer math runs on the host CPU with this provider: on the CPU provider and on GPU
+    providers without int8 kernels (CUDA falls back to the CPU for them); TensorRT builds its own."""
+    from .runtime import provider_name
+
+    return provider_name(provider) != "TensorrtExecutionProvider"
+
+log = logging.getLogger(__name__)
 
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8"}
@@ -55,6 +66,13 @@ def check_same_checkpoint(run_dir: Path) -> None:
             sources["export.json"] = report["checkpoint"]["sha256"]
     except (OSError, ValueError):
         pass
+    if (run_dir / "checkpoint.pt").exists() and sources:
+        from .files import file_sha256
+
+        current = file_sha256(run_dir / "checkpoint.pt")
+        if current not in sources.values():
+            log.warning("%s: checkpoint.pt is newer than its exported models; run `resnet-edge export` again "
+                        "to deploy it", run_dir)
     if len(set(sources.values())) > 1:
         listing = ", ".join(f"{k} from {v[:12]}" for k, v in sources.items())
         raise UserError(f"{run_dir}: its files come from different checkpoints ({listing}); "
@@ -73,6 +91,11 @@ def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuIn
 
     if not cpu.same_as(measured_on) or provider_name(str(report.get("provider"))) != provider_name(provider):
         return None
+    from .files import file_sha256
+
+    benched = report.get("files") or {}
+    if any(benched.get(name) != file_sha256(run_dir / name) for name in FILES.values() if (run_dir / name).exists()):
+        return None  # measured other files than the ones in the run now
     variant = {v: k for k, v in BENCH_NAMES.items()}.get(rec.get("variant"))
     if variant is None or not (run_dir / FILES[variant]).exists():
         return None
@@ -100,7 +123,7 @@ def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughp
     from .int8 import cpu_problem
     from .runtime import check_model_file, provider_name
 
-    if provider_name(provider) == "CPUExecutionProvider" and cpu_problem(check_model_file(available["int8"]), cpu):
+    if runs_int8_on_cpu(provider) and cpu_problem(check_model_file(available["int8"]), cpu):
         return Choice(available["fp32"], "fp32", "the INT8 model needs int8 dot-product instructions this CPU lacks")
     measured = bench_recommendation(run_dir, workload, provider, cpu)
     if measured:
@@ -143,8 +166,11 @@ def recommend(rows: list[dict[str, Any]], eligible: dict[str, str | None], min_m
                 entry.update(variant="onnx-fp32",
                              why=f"INT8 is {speedup:.2f}x FP32 at batch {bs} (p50), under the {min_margin:.2f}x "
                                  "needed to be worth its accuracy risk")
+        elif fp32 is not None:
+            entry.update(variant="onnx-fp32", why="the only ONNX variant measured")
+        elif eligible.get("onnx-int8") is None:
+            entry.update(variant="onnx-int8", why="the only ONNX variant measured")
         else:
-            only = "onnx-fp32" if fp32 is not None else "onnx-int8"
-            entry.update(variant=only, why="the only ONNX variant measured")
+            continue
         out[workload] = entry
     return out

@@ -27,15 +27,22 @@ def test_bench_writes_every_report_field(tmp_path, trained_run):
     cells = {(r["variant"], r["batch_size"]) for r in report["rows"]}
     assert cells == {(v, b) for v in ("torch", "onnx-fp32", "onnx-int8") for b in (1, 4)}
     for row in report["rows"]:
-        assert row["provider"] == "cpu" and row["runs"] >= 5
-        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
-        assert row["throughput"] == pytest.approx(row["batch_size"] / (row["p50_ms"] / 1e3))
+        assert row["provider"] == "cpu" and row["runs"] >= 5 and row["p50_ms"] > 0
     for v, info in report["variants"].items():
         assert info["bytes"] > 0 and info["cold_start_ms"] > 0 and info["peak_rss_mb"] > 0
         assert 0.9 < info["test_accuracy"] <= 1
     ratio_keys = {(r["variant"], r["baseline"]) for r in report["ratios"]}
     assert ratio_keys == {("onnx-fp32", "torch"), ("onnx-int8", "torch"), ("onnx-int8", "onnx-fp32")}
-    assert (out / "bench.md").read_text().startswith("# resnet-edge bench")
+    # A recommendation per workload, for a variant that was measured, with its reason; and the
+    # structural facts behind a slow INT8 (how many convolutions ONNX Runtime left in float).
+    rec = report["recommendation"]
+    assert set(rec) == {"latency", "throughput"}
+    assert rec["latency"]["batch_size"] == 1 and rec["throughput"]["batch_size"] == 4
+    assert all(r["variant"] in ("onnx-fp32", "onnx-int8") and r["why"] for r in rec.values())
+    assert report["variants"]["onnx-int8"]["float_convolutions"] == {"int8": 9, "float": 0}  # resnet8: 9 convs
+    assert set(report["files"]) == {"model.onnx", "model.int8.onnx"}
+    md = (out / "bench.md").read_text()
+    assert md.startswith("# resnet-edge bench") and f"**{rec['throughput']['variant']}**" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "onnx-int8" in result.stdout
 

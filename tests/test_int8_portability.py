@@ -150,10 +150,12 @@ def test_auto_variant_without_a_bench_follows_the_cpu(trained_run, tmp_path, cpu
 
 
 def _bench_json(run, cpu, rows, provider="cpu"):
+    from resnet_edge.files import file_sha256
     from resnet_edge.variants import recommend
 
     (run / "bench.json").write_text(json.dumps({
         "provider": provider, "machine": {"cpu": cpu.model, "isa": cpu.isa},
+        "files": {n: file_sha256(run / n) for n in ("model.onnx", "model.int8.onnx")},
         "recommendation": recommend(rows, {"onnx-fp32": None, "onnx-int8": None})}))
 
 
@@ -172,6 +174,11 @@ def test_auto_variant_follows_a_bench_measured_on_this_cpu(trained_run, tmp_path
     # The same bench from another CPU is not evidence about this one: the CPU rule applies.
     other = CpuInfo("Another Xeon", "x86_64", VNNI.isa)
     assert choose_model(run, cpu=other).variant == "int8"
+    # Nor is a bench of other files: after a re-export the figures are about models no longer there.
+    bench = json.loads((run / "bench.json").read_text())
+    bench["files"]["model.int8.onnx"] = "0" * 64
+    (run / "bench.json").write_text(json.dumps(bench))
+    assert "measured on this CPU" not in choose_model(run, cpu=VNNI).reason
     _bench_json(run, AVX2_ONLY, _rows(int8_ms=0.5, fp32_ms=1.0))
     choice = choose_model(run, cpu=AVX2_ONLY, workload="latency")
     assert choice.variant == "int8" and "2.00x faster" in choice.reason
