@@ -188,7 +188,7 @@ def _gpu_memory_mb() -> float | None:
 def _torch_call(model_path: Path, provider: str, x: np.ndarray, threads: int | None):
     import torch
 
-    from .train import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint, model_from_checkpoint
 
     if threads:
         torch.set_num_threads(threads)

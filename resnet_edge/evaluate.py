@@ -30,7 +30,7 @@ def _evaluate_checkpoint(path: Path, data_dir: Path | None, batch_size: int) -> 
     import torch
 
     from .data import load_split
-    from .train import evaluate, load_checkpoint, model_from_checkpoint
+    from .checkpoint import evaluate, load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(path), path)
     test_images, test_labels = load_split(data_dir, "test")

@@ -192,7 +192,8 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
     import tempfile
 
     from .files import ensure_writable_dir
-    from .train import CHECKPOINT, load_checkpoint
+    from .checkpoint import load_checkpoint
+    from .contract import CHECKPOINT
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(run_dir / CHECKPOINT)  # a missing or bad checkpoint: one clear error, nothing made
@@ -233,7 +234,10 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
     from .data import load_dataset, to_pixels
     from .machine import machine
     from .quantize import QuantizationConfig, quantize_model
-    from .train import CHECKPOINT, file_sha256, model_from_checkpoint, versions
+    from .checkpoint import model_from_checkpoint
+    from .contract import CHECKPOINT
+    from .files import file_sha256
+    from .machine import versions
 
     t0 = time.perf_counter()
     ckpt_path = run_dir / CHECKPOINT
@@ -244,7 +248,7 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
     history = ckpt.get("history") or []
     checkpoint_accuracy = history[-1]["test_accuracy"] if history else None
     mean, std = float(model.normalize.mean.item()), float(model.normalize.std.item())
-    meta = metadata(config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions())
+    meta = metadata(config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions(include_torch=True))
     fp32_path = stage / FP32_NAME
     parity = export_onnx(model, fp32_path, test_pixels[:max(PARITY_BATCH_SIZES)], meta, opset)
     log.info("wrote %s (%d bytes) in %.1f s", fp32_path, fp32_path.stat().st_size, time.perf_counter() - t0)
@@ -257,7 +261,7 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
                    for r in parity],
         "parity_tolerance": PARITY_ATOL,
         "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize},
-        "versions": versions(),
+        "versions": versions(include_torch=True),
         # Accuracy figures below were measured with ONNX Runtime on this machine's CPU.
         "evaluated_on": machine(gpu=False),
     }

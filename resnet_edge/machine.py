@@ -102,7 +102,9 @@ def versions(include_torch: bool = False) -> dict[str, str | None]:
     names = ["onnxruntime", "onnx", "numpy"] + (["torch", "torchvision"] if include_torch else [])
     out = {n: package_version(n) for n in names}
     out["python"] = platform.python_version()
-    return out
+    from . import __version__
+
+    return {"resnet_edge": __version__, **out}
 
 
 def machine(threads: int | None = None, include_torch: bool = False, gpu: bool = True) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from resnet_edge.cli import app
 from resnet_edge.data import load_test_split
 from resnet_edge.quantize import AccuracyGuardError, QuantizationConfig, quantize_model
 from resnet_edge.runtime import create_session
-from resnet_edge.train import load_checkpoint, model_from_checkpoint
+from resnet_edge.checkpoint import load_checkpoint, model_from_checkpoint
 
 runner = CliRunner()
 

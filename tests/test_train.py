@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnet_edge.train import (CheckpointError, TrainConfig, TrainingError, load_checkpoint,
-                               model_from_checkpoint, train)
+from resnet_edge.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from resnet_edge.config import TrainConfig
+from resnet_edge.train import TrainingError, train
 
 
 def _cfg(**kw):
