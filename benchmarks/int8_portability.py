@@ -71,7 +71,8 @@ def main() -> None:
     if shutil.which("qemu-x86_64") is None:
         raise SystemExit("needs qemu-x86_64 (apt-get install qemu-user)")
 
-    from resnet_edge.data import load_dataset, to_pixels
+    from resnet_edge.contract import to_pixels
+    from resnet_edge.data import load_dataset
     from resnet_edge.machine import cpu_info, machine
     from resnet_edge.quantize import QuantizationConfig, quantize_model
 

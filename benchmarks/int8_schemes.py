@@ -24,7 +24,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from resnet_edge.data import load_split, to_pixels
+from resnet_edge.contract import to_pixels
+from resnet_edge.data import load_split
 from resnet_edge.int8 import SCHEMES
 from resnet_edge.machine import machine
 from resnet_edge.quantize import QuantizationConfig, _quantize, calibration_images

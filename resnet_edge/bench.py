@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, EXPORT_REPORT, FP32_MODEL, INT8_MODEL, TRAIN_REPORT
 from .errors import UserError
 from .machine import ISA_FLAGS
 from .variants import recommend
@@ -29,7 +30,7 @@ from .variants import recommend
 log = logging.getLogger(__name__)
 
 VARIANTS = ("torch", "onnx-fp32", "onnx-int8")
-FILES = {"torch": "checkpoint.pt", "onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
+FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL}
 
 
 @dataclass
@@ -97,7 +98,8 @@ def _node_placement(model_path: Path, provider: str, x: np.ndarray, threads: int
     """How many graph nodes ran on each execution provider, read from ONNX Runtime's profile."""
     import onnxruntime as ort
 
-    from .runtime import INPUT_NAME, provider_name
+    from .contract import INPUT_NAME
+    from .runtime import provider_name
 
     options = ort.SessionOptions()
     options.enable_profiling = True
@@ -151,7 +153,8 @@ def measure_cell(variant: str, model_path: Path, provider: str, batch_size: int,
 def _onnx_call(model_path: Path, provider: str, x: np.ndarray, threads: int | None):
     import onnxruntime as ort
 
-    from .runtime import INPUT_NAME, OUTPUT_NAME, create_session
+    from .contract import INPUT_NAME, OUTPUT_NAME
+    from .runtime import create_session
 
     session = create_session(model_path, provider, threads=threads)
     if session.get_providers()[0] == "CPUExecutionProvider":
@@ -253,7 +256,7 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
     check_same_checkpoint(run_dir)
     variants = [v for v in VARIANTS if (v != "torch" or config.torch) and (run_dir / FILES[v]).exists()]
     if not any(v.startswith("onnx") for v in variants):
-        raise UserError(f"{run_dir}: no model.onnx to benchmark (run `resnet-edge export --quantize` first)")
+        raise UserError(f"{run_dir}: no {FP32_MODEL} to benchmark (run `resnet-edge export --quantize` first)")
     for v in variants:  # fail fast on a bad file, before minutes of measuring
         if v != "torch":
             create_session(run_dir / FILES[v], "cpu")
@@ -264,8 +267,8 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
             rows.append(_run_cell(variant, run_dir / FILES[variant], config, bs))
             if advance:
                 advance(1)
-    export = _read_json(run_dir / "export.json")
-    train = _read_json(run_dir / "train.json")
+    export = _read_json(run_dir / EXPORT_REPORT)
+    train = _read_json(run_dir / TRAIN_REPORT)
     per_variant = {}
     for v in variants:
         cells = [r for r in rows if r["variant"] == v]
@@ -457,9 +460,9 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 def write_reports(report: dict[str, Any], out_dir: Path) -> None:
     from .files import write_bytes, write_json
 
-    write_json(out_dir / "bench.json", report)
-    write_bytes(out_dir / "bench.md", render_markdown(report).encode())
-    render_plot(report, out_dir / "bench.png")
+    write_json(out_dir / BENCH_JSON, report)
+    write_bytes(out_dir / BENCH_MD, render_markdown(report).encode())
+    render_plot(report, out_dir / BENCH_PNG)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import TrainConfig
+from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, EXPORT_REPORT, FP32_MODEL, INT8_MODEL
 from .quantize import QuantizationConfig
 from .errors import UserError
 
@@ -142,8 +143,8 @@ def train_cli(
                          augment=augment, amp=amp, compile=compile,
                          data_dir=str(data_dir) if data_dir is not None else None)
     run_dir = run if run is not None else run_dir_for(arch)
-    if resume and not (run_dir / "checkpoint.pt").exists():
-        raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+    if resume and not (run_dir / CHECKPOINT).exists():
+        raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
     ensure_writable_dir(run_dir)
     reporter = RichTrainReporter(quiet)
     try:
@@ -151,7 +152,7 @@ def train_cli(
     except KeyboardInterrupt:
         reporter.progress.stop()
         done = reporter.last_epoch
-        err_console.print(f"interrupted: {run_dir / 'checkpoint.pt'} holds "
+        err_console.print(f"interrupted: {run_dir / CHECKPOINT} holds "
                           + (f"epoch {done}; continue with `resnet-edge train --run {run_dir} --resume`" if done
                              else "what it held before: no epoch finished"), highlight=False, soft_wrap=True)
         raise typer.Exit(130)
@@ -236,7 +237,7 @@ def export_cli(
     console.print(table)
     if "int8" in report and report["int8"]["float_nodes"]:
         console.print(f"accuracy guard kept {len(report['int8']['float_nodes'])} nodes in float", highlight=False)
-    console.print(f"exported in {report['seconds']:.1f} s -> {run_dir / 'export.json'}", highlight=False)
+    console.print(f"exported in {report['seconds']:.1f} s -> {run_dir / EXPORT_REPORT}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -260,7 +261,7 @@ def eval_cli(
 
         run_dir = _resolve_run(run)
         check_same_checkpoint(run_dir)
-        paths = [p for p in (run_dir / "checkpoint.pt", run_dir / "model.onnx", run_dir / "model.int8.onnx") if p.exists()]
+        paths = [p for p in (run_dir / CHECKPOINT, run_dir / FP32_MODEL, run_dir / INT8_MODEL) if p.exists()]
         for p in paths:
             if p.suffix == ".onnx":
                 _saturation_check(p, provider, refuse=False)
@@ -317,7 +318,7 @@ def bench_cli(
         report = run_bench(run_dir, config, progress=open_bar)
     write_reports(report, out_dir)
     _print_bench(report)
-    console.print(f"-> {out_dir / 'bench.json'}, bench.md, bench.png", highlight=False)
+    console.print(f"-> {out_dir / BENCH_JSON}, {BENCH_MD}, {BENCH_PNG}", highlight=False)
 
 
 def _print_bench(report: dict[str, Any]) -> None:
@@ -425,10 +426,9 @@ def predict_cli(
     """Classify image files with the same MNIST-style preprocessing as the server's /v1/predict."""
     import json
 
-    import numpy as np
-
+    from .contract import INPUT_NAME, OUTPUT_NAME, digit_prediction
     from .preprocess import image_to_pixels
-    from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, softmax
+    from .runtime import create_session
 
     session = create_session(_choose_model(run, model, variant, "latency", provider), provider)
     results = []
@@ -441,8 +441,7 @@ def predict_cli(
             pixels = image_to_pixels(data)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
-        probs = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])[0]
-        results.append({"path": str(path), "digit": int(np.argmax(probs)), "probabilities": [round(float(p), 6) for p in probs]})
+        results.append({"path": str(path), **digit_prediction(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0][0])})
     if as_json:
         print(json.dumps(results))
         return

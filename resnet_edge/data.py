@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from .contract import IMAGE_SIZE, NUM_CLASSES, to_pixels
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
 
 # The four files of an MNIST-format dataset, by split and kind.
 FILES = {
@@ -57,8 +56,12 @@ class Dataset:
 
     def pixel_stats(self) -> tuple[float, float]:
         """Mean and standard deviation of the training pixels, as fractions of 255."""
-        x = self.train_images.astype(np.float64) / 255.0
-        return float(x.mean()), float(x.std())
+        # A histogram of the 256 levels gives both exactly, without a float copy of every pixel.
+        counts = np.bincount(self.train_images.reshape(-1), minlength=256).astype(np.float64)
+        levels = np.arange(256, dtype=np.float64) / 255.0
+        n = counts.sum()
+        mean = float((counts * levels).sum() / n)
+        return mean, float(np.sqrt((counts * (levels - mean) ** 2).sum() / n))
 
 
 def bundled_dir() -> Path:
@@ -134,7 +137,7 @@ def _load_split(folder: Path, split: str, checksums: dict[str, str]) -> tuple[np
     if len(images) == 0:
         raise DataError(f"{folder}: {split} split is empty")
     if labels.max() >= NUM_CLASSES:
-        raise DataError(f"{folder}: {split} labels go up to {labels.max()}, expected 0-9")
+        raise DataError(f"{folder}: {split} labels go up to {labels.max()}, expected 0-{NUM_CLASSES - 1}")
     return images, labels
 
 
@@ -169,11 +172,6 @@ def load_test_split(data_dir: str | Path | None = None) -> tuple[np.ndarray, np.
     """Test images as float32 [N, 1, 28, 28] in [0, 1] and int64 labels: the ONNX input contract."""
     images, labels = load_split(data_dir, "test")
     return to_pixels(images), labels.astype(np.int64)
-
-
-def to_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [0, 1]."""
-    return (images.astype(np.float32) / 255.0)[:, None]
 
 
 class DeviceBatches:

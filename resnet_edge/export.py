@@ -1,6 +1,6 @@
 """PyTorch -> ONNX to the model contract, with the checks that prove the file is faithful.
 
-The contract (DESIGN.md): input ``pixels`` float32 [batch, 1, 28, 28] in [0, 1], normalization inside
+The contract (contract.py, docs/DESIGN.md): input ``pixels`` float32 [batch, 1, 28, 28] in [0, 1], normalization inside
 the graph; output ``logits`` float32 [batch, 10]; a dynamic batch dimension; metadata_props that
 describe the model. Every export is checked with onnx's full checker and against PyTorch on real test
 images at several batch sizes; a model that fails is never left on disk.
@@ -23,10 +23,13 @@ import onnx
 import torch
 from torch import nn
 
-from .data import IMAGE_SIZE, NUM_CLASSES
+from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, EXPORT_REPORT, INPUT_NAME,
+                       INPUT_SHAPE, LABELS, NUM_CLASSES, OUTPUT_NAME)
+from .contract import FP32_MODEL as FP32_NAME
+from .contract import INT8_MODEL as INT8_NAME
 from .errors import UserError
 from .files import atomic_path, write_json
-from .runtime import INPUT_NAME, OUTPUT_NAME, create_session
+from .runtime import create_session
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Export with the maintained dynamo exporter and a dynamic batch dimension."""
     # An example batch of 2: with 1 the exporter may specialize the batch dimension to a constant.
-    example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    example = torch.rand(2, *INPUT_SHAPE)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,7 +101,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     proto = program.model_proto
     # The exporter names the batch dimension after the Dim; give it the contract's name.
     for value in (*proto.graph.input, *proto.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
     return proto
 
 
@@ -138,13 +141,13 @@ def parity_failure_message(results: list[ParityResult]) -> str | None:
 def metadata(arch: str, checkpoint_sha256: str, test_accuracy: float | None, mean: float, std: float,
              versions: dict[str, str]) -> dict[str, str]:
     return {
-        "labels": json.dumps([str(i) for i in range(NUM_CLASSES)]),
+        "labels": json.dumps(list(LABELS)),
         "architecture": arch,
-        "input": json.dumps({"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, IMAGE_SIZE, IMAGE_SIZE],
+        "input": json.dumps({"name": INPUT_NAME, "dtype": "float32", "shape": [BATCH_DIM, *INPUT_SHAPE],
                              "range": [0.0, 1.0], "layout": "NCHW",
                              "description": "grayscale intensities in [0, 1], white digit on black as in MNIST; "
                                             "normalization is inside the graph"}),
-        "output": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", NUM_CLASSES]}),
+        "output": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": [BATCH_DIM, NUM_CLASSES]}),
         "normalization": json.dumps({"mean": mean, "std": std}),
         "test_accuracy": "" if test_accuracy is None else f"{test_accuracy:.6f}",
         "source_checkpoint_sha256": checkpoint_sha256,
@@ -173,10 +176,7 @@ def export_onnx(model: nn.Module, out_path: Path, images: np.ndarray, meta: dict
     return results
 
 
-FP32_NAME = "model.onnx"
-INT8_NAME = "model.int8.onnx"
-EXPORT_REPORT = "export.json"
-BENCH_FILES = ("bench.json", "bench.md", "bench.png")
+BENCH_FILES = (BENCH_JSON, BENCH_MD, BENCH_PNG)
 
 
 def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = False,
@@ -231,7 +231,8 @@ def _check_scheme_measurable(name: str) -> None:
 def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, quantize: bool, qconfig: Any,
                progress: Any) -> dict[str, Any]:
     """Write model.onnx [and model.int8.onnx] into ``stage``; return export.json's content (paths final)."""
-    from .data import load_dataset, to_pixels
+    from .contract import to_pixels
+    from .data import load_dataset
     from .machine import machine
     from .quantize import QuantizationConfig, quantize_model
     from .checkpoint import model_from_checkpoint

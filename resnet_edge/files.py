@@ -74,8 +74,10 @@ def run_dir_for(arch: str, base: Path = EXPORTED) -> Path:
 
 def latest_run(base: Path = EXPORTED) -> Path | None:
     """The run folder whose training finished last (newest train.json), if any."""
-    runs = [p.parent for p in base.glob("*/train.json")]
-    return max(runs, key=lambda p: (p / "train.json").stat().st_mtime, default=None)
+    from .contract import TRAIN_REPORT
+
+    runs = [p.parent for p in base.glob(f"*/{TRAIN_REPORT}")]
+    return max(runs, key=lambda p: (p / TRAIN_REPORT).stat().st_mtime, default=None)
 
 
 def ensure_writable_dir(path: Path) -> None:

@@ -21,14 +21,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3
 
-from .data import IMAGE_SIZE, NUM_CLASSES
+from .contract import IMAGE_SIZE, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 from .errors import UserError
 
-# MNIST training-set statistics (README of the dataset: 33.3184 and 78.567 of 255). The models fold
-# them in, so callers pass raw [0, 1] intensities; train.py replaces them with the statistics of a
-# user's --data-dir.
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
+# Every model starts with Normalize, (x - mean) / std with the training set's statistics as buffers
+# (MNIST's by default; train.py sets those of a user's --data-dir), so callers pass raw [0, 1]
+# intensities. In the ONNX graph it is a Sub and a Div before the first convolution.
 
 
 class Normalize(nn.Module):

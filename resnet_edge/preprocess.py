@@ -12,8 +12,10 @@ import io
 
 import numpy as np
 
+from .contract import IMAGE_SIZE
 from .errors import UserError
 
+MNIST_BOX = 20  # MNIST fits each digit into a 20x20 box of the 28x28 image
 MAX_PIXELS = 40_000_000  # refuse decompression bombs long before they fill memory
 
 
@@ -58,15 +60,16 @@ def mnist_style(gray: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(gray > 0.2)
     crop = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     h, w = crop.shape
-    scale = 20.0 / max(h, w)
+    scale = MNIST_BOX / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((nw, nh), Image.LANCZOS),
                          dtype=np.float32) / 255.0
     total = resized.sum()
     cy, cx = ((np.arange(nh) @ resized.sum(1)) / total, (np.arange(nw) @ resized.sum(0)) / total) if total > 0 else (nh / 2, nw / 2)
-    top = int(np.clip(round(14 - cy), 0, 28 - nh))
-    left = int(np.clip(round(14 - cx), 0, 28 - nw))
-    out = np.zeros((28, 28), dtype=np.float32)
+    centre = IMAGE_SIZE / 2
+    top = int(np.clip(round(centre - cy), 0, IMAGE_SIZE - nh))
+    left = int(np.clip(round(centre - cx), 0, IMAGE_SIZE - nw))
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     out[top:top + nh, left:left + nw] = resized
     return out[None]
 

@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .data import to_pixels
+from .contract import to_pixels
 from .errors import UserError
 from .files import atomic_path
 from .int8 import DEFAULT_SCHEME, audit_weights
 from .int8 import scheme as int8_scheme
-from .runtime import INPUT_NAME, create_session, evaluate_session
+from .contract import INPUT_NAME
+from .runtime import create_session, evaluate_session
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "logits"
 
 # Short names a user types -> ONNX Runtime's provider names. Any full provider name works too.
 PROVIDER_ALIASES = {
@@ -100,11 +98,11 @@ def check_contract(proto: Any, path: Path) -> None:
         raise ModelFileError(f"{path}: expected one input named {INPUT_NAME!r}, got "
                              f"{[i.name for i in inputs]}")
     got = shape(inputs[0])
-    if len(got) != 4 or got[1:] != [1, 28, 28] or inputs[0].type.tensor_type.elem_type != 1:
-        raise ModelFileError(f"{path}: input {INPUT_NAME!r} must be float32 [batch, 1, 28, 28], got {got}")
+    if len(got) != 4 or got[1:] != list(INPUT_SHAPE) or inputs[0].type.tensor_type.elem_type != 1:
+        raise ModelFileError(f"{path}: input {INPUT_NAME!r} must be float32 [batch, {', '.join(map(str, INPUT_SHAPE))}], got {got}")
     outputs = {o.name: shape(o) for o in proto.graph.output}
-    if OUTPUT_NAME not in outputs or outputs[OUTPUT_NAME][1:] != [10]:
-        raise ModelFileError(f"{path}: expected an output {OUTPUT_NAME!r} of shape [batch, 10], got {outputs}")
+    if OUTPUT_NAME not in outputs or outputs[OUTPUT_NAME][1:] != [NUM_CLASSES]:
+        raise ModelFileError(f"{path}: expected an output {OUTPUT_NAME!r} of shape [batch, {NUM_CLASSES}], got {outputs}")
 
 
 def create_session(path: Path, provider: str = "cpu", threads: int | None = None,
@@ -162,9 +160,3 @@ def evaluate_session(session: Any, images: np.ndarray, labels: np.ndarray, batch
     logits = np.concatenate(outs)
     preds = logits.argmax(1)
     return EvalResult(float((preds == labels).mean()), preds, logits, len(images) / seconds)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

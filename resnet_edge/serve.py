@@ -28,13 +28,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import UserError
-from .runtime import INPUT_NAME, OUTPUT_NAME, create_session, softmax
+from .contract import IMAGE_PIXELS, IMAGE_SIZE, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction, softmax, to_pixels
+from .runtime import create_session
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_REQUEST = 1024
-OUTPUTS = {"logits": "raw scores, FP32 [N, 10]", "probabilities": "softmax of the logits, FP32 [N, 10]"}
-ACCEPTED_SHAPES = "[N, 1, 28, 28], [N, 28, 28] or [N, 784]"
+PROBABILITIES = "probabilities"
+OUTPUTS = {OUTPUT_NAME: f"raw scores, FP32 [N, {NUM_CLASSES}]", PROBABILITIES: f"softmax of the logits, FP32 [N, {NUM_CLASSES}]"}
+_SHAPES = ([*INPUT_SHAPE], [IMAGE_SIZE, IMAGE_SIZE], [IMAGE_PIXELS])  # after N
+ACCEPTED_SHAPES = ", ".join("[N, " + ", ".join(map(str, s)) + "]" for s in _SHAPES)
 
 
 @dataclass
@@ -184,13 +187,13 @@ def parse_infer_request(body: dict[str, Any]) -> tuple[np.ndarray, list[str], An
         raise RequestError(400, f"input {INPUT_NAME!r} datatype must be FP32 (0-1) or UINT8 (0-255), got {datatype!r}")
     shape = tensor.get("shape")
     if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-            or not (shape[1:] in ([1, 28, 28], [28, 28], [784])) or shape[0] < 1):
+            or not (shape[1:] in _SHAPES) or shape[0] < 1):
         raise RequestError(400, f"input {INPUT_NAME!r} shape must be {ACCEPTED_SHAPES} with N >= 1, got {shape}")
     n = shape[0]
     if n > MAX_ROWS_PER_REQUEST:
         raise RequestError(400, f"at most {MAX_ROWS_PER_REQUEST} images per request, got N = {n}")
     values = _flatten(tensor.get("data"))
-    expected = n * 784
+    expected = n * IMAGE_PIXELS
     if values.size != expected:
         raise RequestError(400, f"input {INPUT_NAME!r} with shape {shape} needs {expected} values, got {values.size}")
     if not np.isfinite(values).all():
@@ -202,9 +205,9 @@ def parse_infer_request(body: dict[str, Any]) -> tuple[np.ndarray, list[str], An
     else:
         if values.min() < 0 or values.max() > 255 or not np.all(values == np.round(values)):
             raise RequestError(400, "UINT8 pixels must be integers from 0 to 255")
-        pixels = (values / 255.0).astype(np.float32)
+        pixels = to_pixels(values.astype(np.uint8).reshape(n, IMAGE_PIXELS))
     requested = body.get("outputs")
-    names = ["logits"]
+    names = [OUTPUT_NAME]
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
             raise RequestError(400, "'outputs' must be a list of {\"name\": ...} objects")
@@ -212,15 +215,15 @@ def parse_infer_request(body: dict[str, Any]) -> tuple[np.ndarray, list[str], An
         unknown = [nm for nm in names if nm not in OUTPUTS]
         if unknown:
             raise RequestError(400, f"unknown output {unknown[0]!r}, expected one of {list(OUTPUTS)}")
-    return pixels.reshape(n, 1, 28, 28), names, body.get("id")
+    return pixels.reshape(n, *INPUT_SHAPE), names, body.get("id")
 
 
 # ------------------------------------------------------------------------------------------ the app
 def model_metadata(name: str, meta: dict[str, str]) -> dict[str, Any]:
     return {
         "name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-        "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, 10]} for o in OUTPUTS],
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
+        "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, NUM_CLASSES]} for o in OUTPUTS],
         "parameters": {k: meta[k] for k in ("architecture", "test_accuracy", "labels") if k in meta},
     }
 
@@ -324,7 +327,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
             raise RequestError(400, f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
         pixels, outputs, request_id = parse_infer_request(body)
         logits = await state["batcher"].infer(pixels)
-        tensors = {"logits": logits, "probabilities": softmax(logits) if "probabilities" in outputs else None}
+        tensors = {OUTPUT_NAME: logits, PROBABILITIES: softmax(logits) if PROBABILITIES in outputs else None}
         response = {"model_name": config.model_name, "model_version": "1",
                     "outputs": [{"name": o, "datatype": "FP32", "shape": list(tensors[o].shape),
                                  "data": tensors[o].reshape(-1).tolist()} for o in outputs]}
@@ -347,8 +350,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
         except ImageError as exc:
             raise RequestError(400, str(exc)) from None
         logits = await state["batcher"].infer(pixels)
-        probs = softmax(logits)[0]
-        return {"digit": int(probs.argmax()), "probabilities": [float(p) for p in probs]}
+        return digit_prediction(logits[0])
 
     return app
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .contract import BENCH_JSON, CHECKPOINT, EXPORT_REPORT, MODEL_FILES
 from .errors import UserError
 from .machine import CpuInfo, cpu_info
 
@@ -30,7 +31,7 @@ def runs_int8_on_cpu(provider: str) -> bool:
 
 log = logging.getLogger(__name__)
 
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+FILES = MODEL_FILES
 BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8"}
 VARIANT_CHOICES = ("auto", "fp32", "int8")
 WORKLOADS = ("latency", "throughput")
@@ -61,15 +62,15 @@ def check_same_checkpoint(run_dir: Path) -> None:
             if sha:
                 sources[name] = sha
     try:
-        report = json.loads((run_dir / "export.json").read_text())
+        report = json.loads((run_dir / EXPORT_REPORT).read_text())
         if isinstance(report, dict) and isinstance(report.get("checkpoint"), dict) and report["checkpoint"].get("sha256"):
-            sources["export.json"] = report["checkpoint"]["sha256"]
+            sources[EXPORT_REPORT] = report["checkpoint"]["sha256"]
     except (OSError, ValueError):
         pass
-    if (run_dir / "checkpoint.pt").exists() and sources:
+    if (run_dir / CHECKPOINT).exists() and sources:
         from .files import file_sha256
 
-        current = file_sha256(run_dir / "checkpoint.pt")
+        current = file_sha256(run_dir / CHECKPOINT)
         if current not in sources.values():
             log.warning("%s: checkpoint.pt is newer than its exported models; run `resnet-edge export` again "
                         "to deploy it", run_dir)
@@ -82,7 +83,7 @@ def check_same_checkpoint(run_dir: Path) -> None:
 def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuInfo) -> tuple[str, str] | None:
     """(variant, reason) from the run's bench.json when it was measured here; None otherwise."""
     try:
-        report = json.loads((run_dir / "bench.json").read_text())
+        report = json.loads((run_dir / BENCH_JSON).read_text())
         rec = report["recommendation"][workload]
         measured_on = report["machine"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -108,7 +109,7 @@ def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughp
         raise UserError(f"--variant must be one of {', '.join(VARIANT_CHOICES)}, got {variant!r}")
     available = {v: run_dir / n for v, n in FILES.items() if (run_dir / n).exists()}
     if not available:
-        raise UserError(f"{run_dir}: no model.onnx or model.int8.onnx (run `resnet-edge export --quantize` first)")
+        raise UserError(f"{run_dir}: no {' or '.join(FILES.values())} (run `resnet-edge export --quantize` first)")
     check_same_checkpoint(run_dir)
     cpu = cpu or cpu_info()
     if variant != "auto":

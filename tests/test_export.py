@@ -92,7 +92,8 @@ def test_int8_graph_is_qdq_with_int8_weights(trained_run):
 
 
 def test_accuracy_guard_fails_clearly_when_int8_cannot_hold(tmp_path, trained_run):
-    from resnet_edge.data import load_dataset, to_pixels
+    from resnet_edge.contract import to_pixels
+    from resnet_edge.data import load_dataset
 
     run, _, _ = trained_run
     images, labels = load_test_split()
@@ -109,7 +110,8 @@ def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monk
     """The first INT8 evaluation is made to miss the guard: the next round keeps the worst-quantized
     tensors in float, is measured for real, and its model is the one written."""
     import resnet_edge.quantize as q
-    from resnet_edge.data import load_dataset, to_pixels
+    from resnet_edge.contract import to_pixels
+    from resnet_edge.data import load_dataset
 
     run, _, _ = trained_run
     images, labels = load_test_split()
