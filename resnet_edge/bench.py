@@ -16,13 +16,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, EXPORT_REPORT, FP32_MODEL, INT8_MODEL, TRAIN_REPORT
+from .config import BenchConfig
 from .errors import UserError
 from .machine import ISA_FLAGS
 from .variants import recommend
@@ -31,25 +32,6 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("torch", "onnx-fp32", "onnx-int8")
 FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL}
-
-
-@dataclass
-class BenchConfig:
-    provider: str = "cpu"  # cpu | cuda | any ONNX Runtime provider name
-    batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
-    duration: float = 2.0  # timed seconds per cell
-    min_runs: int = 200  # timed runs per cell, whatever the duration
-    warmup: int = 20  # untimed runs per cell (and at least 0.2 s)
-    threads: int | None = None  # intra-op threads (ONNX Runtime and torch); None: the runtime's default
-    torch: bool = True  # measure PyTorch eager too
-
-    def __post_init__(self) -> None:
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise UserError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
-        if not self.duration > 0:
-            raise UserError(f"--duration must be positive, got {self.duration}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {self.threads}")
 
 
 # ------------------------------------------------------------------------------------------ machine

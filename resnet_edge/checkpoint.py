@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .models import UnknownModelError, create_model
+from .models import create_model
 
 
 class CheckpointError(UserError):
@@ -44,7 +44,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None = N
         raise CheckpointError(f"{path}: checkpoint holds {saved_arch}, not {arch}")
     try:
         model = create_model(saved_arch)
-    except (UnknownModelError, TypeError):
+    except UserError:
         raise CheckpointError(f"{path}: checkpoint names an unknown architecture {saved_arch!r}") from None
     try:
         model.load_state_dict(ckpt["model"])

@@ -14,9 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import TrainConfig
+from .config import BenchConfig, EvalConfig, ExportConfig, QuantizationConfig, ServerConfig, TrainConfig
 from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, EXPORT_REPORT, FP32_MODEL, INT8_MODEL
-from .quantize import QuantizationConfig
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -122,7 +121,7 @@ class RichTrainReporter:
 @user_errors
 def train_cli(
     arch: str = typer.Option(TrainConfig.arch, help="Architecture (see `resnet-edge models`)."),
-    epochs: int = typer.Option(TrainConfig.epochs, help="Passes over the training set."),
+    epochs: Optional[int] = typer.Option(None, help=f"Passes over the training set [default: {TrainConfig.epochs}].", show_default=False),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Images per step."),
     lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (one-cycle, SGD with Nesterov momentum)."),
     device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda"),
@@ -139,12 +138,14 @@ def train_cli(
     from .files import ensure_writable_dir, run_dir_for
     from .train import train
 
-    config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
+    config = TrainConfig(arch=arch, epochs=TrainConfig.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
                          augment=augment, amp=amp, compile=compile,
                          data_dir=str(data_dir) if data_dir is not None else None)
     run_dir = run if run is not None else run_dir_for(arch)
     if resume and not (run_dir / CHECKPOINT).exists():
         raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
+    if resume and epochs is not None:
+        _check_resume_epochs(run_dir, epochs)
     ensure_writable_dir(run_dir)
     reporter = RichTrainReporter(quiet)
     try:
@@ -160,6 +161,21 @@ def train_cli(
     console.print(f"trained {report['arch']} ({report['params']:,} parameters) for {report['epochs_done']} epochs on "
                   f"{report['device']} in {report['seconds']:.1f} s: test accuracy "
                   f"{100 * acc:.2f} % -> {run_dir}", highlight=False)
+
+
+def _check_resume_epochs(run_dir: Path, epochs: int) -> None:
+    """--resume continues the saved recipe (its one-cycle schedule is fixed by the epoch count)."""
+    import json
+
+    from .contract import TRAIN_REPORT
+
+    try:
+        saved = json.loads((run_dir / TRAIN_REPORT).read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(saved, int) and saved != epochs:
+        raise UserError(f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
+                        f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -203,7 +219,7 @@ def _size(n: int) -> str:
 @user_errors
 def export_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
-    opset: int = typer.Option(18, help="ONNX opset."),
+    opset: int = typer.Option(ExportConfig.opset, help="ONNX opset (13 or later with --quantize)."),
     quantize: bool = typer.Option(False, "--quantize", help="Also write a static INT8 model (QDQ) and prove its accuracy."),
     calibration_size: int = typer.Option(QuantizationConfig.calibration_size, help="Training images to calibrate activation ranges on."),
     calibration_method: str = typer.Option(QuantizationConfig.method, help="minmax | entropy | percentile"),
@@ -214,14 +230,14 @@ def export_cli(
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
                                  max_accuracy_drop=max_accuracy_drop, scheme=scheme)
-    if not 7 <= opset <= 25:
-        raise UserError(f"--opset must be between 7 and 25, got {opset}")
+    config = ExportConfig(opset=opset, quantize=quantize, quantization=qconfig if quantize else None)
     run_dir = _resolve_run(run)
     from .export import export_run
 
     progress, open_bar = _progress_factory(quiet)
     with progress:
-        report = export_run(run_dir, opset=opset, quantize=quantize, qconfig=qconfig, progress=open_bar)
+        report = export_run(run_dir, opset=config.opset, quantize=config.quantize, qconfig=config.quantization,
+                            progress=open_bar)
     table = Table(title=f"{report['arch']} export ({run_dir})")
     for col in ("model", "test acc.", "agreement", "size", "check"):
         table.add_column(col, justify="left" if col in ("model", "check") else "right")
@@ -246,16 +262,15 @@ def export_cli(
 def eval_cli(
     model: Optional[Path] = typer.Argument(None, help="A .onnx or .pt file (default: the run's models)."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider (cpu, cuda, or a full name)."),
+    provider: str = typer.Option(EvalConfig.provider, help="ONNX Runtime execution provider (cpu, cuda, or a full name)."),
     data_dir: Optional[Path] = typer.Option(None, help="MNIST-format folder (default: the bundled MNIST)."),
-    batch_size: int = typer.Option(500, help="Images per inference call."),
-    variant: str = typer.Option("auto", help=VARIANT_HELP + " all: the checkpoint and both models."),
+    batch_size: int = typer.Option(EvalConfig.batch_size, help="Images per inference call."),
+    variant: str = typer.Option(EvalConfig.variant, help=VARIANT_HELP + " all: the checkpoint and both models."),
 ) -> None:
     """Test accuracy and images/s of a model (.onnx through ONNX Runtime, no torch; .pt through PyTorch)."""
     from .evaluate import evaluate_file
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    config = EvalConfig(provider=provider, batch_size=batch_size, variant=variant, data_dir=data_dir)
     if variant == "all" and model is None:
         from .variants import check_same_checkpoint
 
@@ -275,7 +290,7 @@ def eval_cli(
     for col in ("model", "runtime", "test accuracy", "images/s"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
     for path in paths:
-        r = evaluate_file(path, provider=provider, data_dir=data_dir, batch_size=batch_size)
+        r = evaluate_file(path, provider=config.provider, data_dir=config.data_dir, batch_size=config.batch_size)
         table.add_row(str(path), r["runtime"], f"{100 * r['accuracy']:.2f} %", f"{r['images_per_second']:,.0f}")
     console.print(table)
 
@@ -295,21 +310,21 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @user_errors
 def bench_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt or a full name."),
-    batch_sizes: str = typer.Option("1,8,64,256", help="Comma-separated batch sizes."),
-    duration: float = typer.Option(2.0, help="Timed seconds per cell (at least 200 runs each)."),
+    provider: str = typer.Option(BenchConfig.provider, help="ONNX Runtime execution provider: cpu, cuda, tensorrt or a full name."),
+    batch_sizes: str = typer.Option(",".join(map(str, BenchConfig.batch_sizes)), help="Comma-separated batch sizes."),
+    duration: float = typer.Option(BenchConfig.duration, help="Timed seconds per cell (and at least --min-runs runs)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and torch (default: the runtime's)."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip PyTorch (and never import it)."),
-    min_runs: int = typer.Option(200, help="Timed runs per cell, whatever the duration."),
+    min_runs: int = typer.Option(BenchConfig.min_runs, help="Timed runs per cell, whatever the duration."),
     out: Optional[Path] = typer.Option(None, help="Folder for bench.json/.md/.png (default: the run folder)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Latency and throughput of PyTorch eager vs ONNX Runtime FP32 vs INT8, with the machine described."""
-    from .bench import BenchConfig, run_bench, write_reports
+    from .bench import run_bench, write_reports
     from .files import ensure_writable_dir
 
     config = BenchConfig(provider=provider, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), duration=duration,
-                         threads=threads, torch=not no_torch, min_runs=max(1, min_runs))
+                         threads=threads, torch=not no_torch, min_runs=min_runs)
     run_dir = _resolve_run(run)
     out_dir = out or run_dir
     ensure_writable_dir(out_dir)
@@ -388,29 +403,28 @@ def serve_cli(
     model: Optional[Path] = typer.Option(None, help="An .onnx model (default: chosen from the run, see --variant)."),
     variant: str = typer.Option("auto", help=VARIANT_HELP),
     model_name: Optional[str] = typer.Option(None, help="Name in the URLs (default: the architecture)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider."),
+    host: str = typer.Option(ServerConfig.host, help="Address to listen on."),
+    port: int = typer.Option(ServerConfig.port, help="Port to listen on."),
+    provider: str = typer.Option(ServerConfig.provider, help="ONNX Runtime execution provider."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
-    max_batch_size: int = typer.Option(64, help="Most rows per ONNX Runtime call (1 turns batching off)."),
-    max_delay_ms: float = typer.Option(2.0, help="How long a request waits for others to batch with."),
-    max_body_bytes: int = typer.Option(8 * 2**20, help="Larger request bodies get 413."),
-    max_queue: int = typer.Option(2048, help="Queued requests beyond this get 503."),
+    max_batch_size: int = typer.Option(ServerConfig.max_batch_size, help="Most rows per ONNX Runtime call (1 turns batching off)."),
+    max_delay_ms: float = typer.Option(ServerConfig.max_delay_ms, help="How long a request waits for others to batch with."),
+    max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="Larger request bodies get 413."),
+    max_queue: int = typer.Option(ServerConfig.max_queue, help="Queued requests beyond this get 503."),
 ) -> None:
     """Serve the model over HTTP: Open Inference Protocol (KServe v2) and /v1/predict for image files."""
-    from .serve import ServerConfig, serve
+    from .serve import serve
 
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port must be 0-65535, got {port}")
-    config = ServerConfig(model_path=_choose_model(run, model, variant, "throughput", provider), model_name=model_name, provider=provider,
-                          threads=threads, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                          max_queue=max_queue, max_body_bytes=max_body_bytes)
+    config = ServerConfig(model_name=model_name, provider=provider, threads=threads, max_batch_size=max_batch_size,
+                          max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                          host=host, port=port)  # options checked before any model is read
+    config.model_path = _choose_model(run, model, variant, "throughput", provider)
 
     def announce(c: ServerConfig) -> None:
-        err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{host}:{port}/v2/models/{c.model_name} "
+        err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name} "
                           f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms} ms)", highlight=False, soft_wrap=True)
 
-    serve(config, host=host, port=port, announce=announce)
+    serve(config, announce=announce)
 
 
 @app.command("predict")

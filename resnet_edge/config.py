@@ -1,15 +1,46 @@
-"""The training recipe: a small validated dataclass whose defaults the CLI shows (no torch import here)."""
+"""One validated config class per command: its defaults are the CLI's defaults, its checks the CLI's
+checks (cli.py only maps options to these). Torch-free and light, so `--help` stays instant.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError
+
+# Architecture name -> family; models.py builds exactly these. "compact": 28x28-native (3x3 stem,
+# three stages); "imagenet": 7x7 stride-2 stem, max-pool, four stages.
+ARCHITECTURES = {
+    "resnet8": "compact", "resnet14": "compact", "resnet20": "compact",
+    "resnet18": "imagenet", "resnet34": "imagenet", "resnet50": "imagenet", "resnet101": "imagenet",
+    "resnet152": "imagenet",
+}
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+VARIANTS = ("auto", "fp32", "int8")  # which model of a run serve/predict/eval use
+MIN_QUANTIZE_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) need opset 13
+
+
+def check_arch(name: object) -> str:
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return name
+
+
+def _at_least(option: str, value: float | None, low: float) -> None:
+    if value is not None and not value >= low:  # also refuses NaN
+        raise UserError(f"{option} must be at least {low:g}, got {value}")
+
+
+def _finite(option: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got {value}")
 
 
 @dataclass
 class TrainConfig:
-    arch: str = "resnet8"  # a name from models.MODELS
+    arch: str = "resnet8"  # a name from ARCHITECTURES
     epochs: int = 20  # full passes over the training set
     batch_size: int = 64
     lr: float = 0.2  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
@@ -27,19 +58,115 @@ class TrainConfig:
     data_dir: str | None = None  # an MNIST-format folder; None: the bundled MNIST
 
     def __post_init__(self) -> None:
-        from .models import MODELS  # imports torch; only a run that trains gets here
-
-        if self.arch not in MODELS:
-            raise UserError(f"unknown architecture {self.arch!r}; choose one of {', '.join(MODELS)}")
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
+        check_arch(self.arch)
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        if not self.lr > 0:  # an infinite one is allowed: it is how the tests provoke a non-finite loss
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.clean_epochs < 0:
-            raise UserError(f"clean_epochs must be >= 0, got {self.clean_epochs}")
+        _at_least("clean_epochs", self.clean_epochs, 0)
         if self.amp not in ("auto", "bf16", "off"):
             raise UserError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+
+
+@dataclass
+class QuantizationConfig:
+    calibration_size: int = 512  # training images the activation ranges are calibrated on
+    method: str = "minmax"  # minmax | entropy | percentile
+    # "portable" (uint8 activations, int8 weights in [-64, 64]) by default: its accuracy is the same on
+    # every CPU, since no int8 kernel can saturate on it (see int8.py). uint8 activations because ONNX
+    # Runtime's x86 kernels fuse every QDQ Conv of our models into QLinearConv only with them
+    # (benchmarks/int8_schemes.py: with int8 activations 3 of resnet8's 9 convolutions, 0.41x FP32).
+    scheme: str = "portable"  # portable | vnni | s8s8 (int8.SCHEMES)
+    per_channel: bool = True  # one weight scale per output channel
+    max_accuracy_drop: float = 0.1  # points of test accuracy INT8 may lose against FP32
+    calibration_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .int8 import scheme
+
+        if self.method not in CALIBRATION_METHODS:
+            raise UserError(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}")
+        _at_least("--calibration-size", self.calibration_size, 1)
+        scheme(self.scheme)  # validates the name
+        _at_least("--max-accuracy-drop", self.max_accuracy_drop, 0)
+
+    @property
+    def activation_type(self) -> str:
+        from .int8 import scheme
+
+        return scheme(self.scheme).activation_type
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 18
+    quantize: bool = False
+    quantization: QuantizationConfig | None = None  # None: QuantizationConfig() when quantizing
+
+    def __post_init__(self) -> None:
+        if not 7 <= self.opset <= 25:
+            raise UserError(f"--opset must be between 7 and 25, got {self.opset}")
+        if self.quantize and self.opset < MIN_QUANTIZE_OPSET:
+            raise UserError(f"--quantize needs --opset {MIN_QUANTIZE_OPSET} or later (per-channel INT8), "
+                            f"got {self.opset}")
+        if self.quantize and self.quantization is None:
+            self.quantization = QuantizationConfig()
+
+
+@dataclass
+class EvalConfig:
+    provider: str = "cpu"
+    batch_size: int = 500  # images per inference call
+    variant: str = "auto"  # auto | fp32 | int8 | all (the checkpoint and both models)
+    data_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("--batch-size", self.batch_size, 1)
+        if self.variant not in (*VARIANTS, "all"):
+            raise UserError(f"--variant must be one of {', '.join((*VARIANTS, 'all'))}, got {self.variant!r}")
+
+
+@dataclass
+class BenchConfig:
+    provider: str = "cpu"  # cpu | cuda | any ONNX Runtime provider name
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
+    duration: float = 2.0  # timed seconds per cell
+    min_runs: int = 200  # timed runs per cell, whatever the duration
+    warmup: int = 20  # untimed runs per cell (and at least 0.2 s)
+    threads: int | None = None  # intra-op threads (ONNX Runtime and torch); None: the runtime's default
+    torch: bool = True  # measure PyTorch eager too
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise UserError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+        if not self.duration > 0 or not math.isfinite(self.duration):
+            raise UserError(f"--duration must be a positive number of seconds, got {self.duration}")
+        _at_least("--min-runs", self.min_runs, 1)
+        _at_least("--threads", self.threads, 1)
+
+
+@dataclass
+class ServerConfig:
+    model_path: Path | None = None  # chosen by the CLI from --run/--variant or --model
+    model_name: str | None = None  # the name in the URLs; None: the architecture in the model's metadata
+    provider: str = "cpu"
+    threads: int | None = None
+    max_batch_size: int = 64  # rows per ONNX Runtime call
+    max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_queue: int = 2048  # requests waiting; beyond this: 503
+    max_body_bytes: int = 8 * 2**20
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        _at_least("--max-batch-size", self.max_batch_size, 1)
+        _finite("--max-delay-ms", self.max_delay_ms)
+        _at_least("--max-delay-ms", self.max_delay_ms, 0)
+        _at_least("--max-body-bytes", self.max_body_bytes, 1024)
+        _at_least("--max-queue", self.max_queue, 1)
+        _at_least("--threads", self.threads, 1)
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be 0-65535, got {self.port}")

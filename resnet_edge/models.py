@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3
 
 from .contract import IMAGE_SIZE, MNIST_MEAN, MNIST_STD, NUM_CLASSES
-from .errors import UserError
+from .config import ARCHITECTURES, check_arch
 
 # Every model starts with Normalize, (x - mean) / std with the training set's statistics as buffers
 # (MNIST's by default; train.py sets those of a user's --data-dir), so callers pass raw [0, 1]
@@ -148,27 +148,15 @@ class ModelSpec:
     family: str  # "compact" (28x28-native) or "imagenet"
 
 
-MODELS: dict[str, ModelSpec] = {
-    "resnet8": ModelSpec(resnet8, "compact"),
-    "resnet14": ModelSpec(resnet14, "compact"),
-    "resnet20": ModelSpec(resnet20, "compact"),
-    "resnet18": ModelSpec(resnet18, "imagenet"),
-    "resnet34": ModelSpec(resnet34, "imagenet"),
-    "resnet50": ModelSpec(resnet50, "imagenet"),
-    "resnet101": ModelSpec(resnet101, "imagenet"),
-    "resnet152": ModelSpec(resnet152, "imagenet"),
-}
-
-
-class UnknownModelError(UserError):
-    pass
+_BUILDERS = {"resnet8": resnet8, "resnet14": resnet14, "resnet20": resnet20, "resnet18": resnet18,
+             "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101, "resnet152": resnet152}
+# The names and families are config.ARCHITECTURES (torch-free, so options are checked without torch).
+MODELS: dict[str, ModelSpec] = {name: ModelSpec(_BUILDERS[name], family) for name, family in ARCHITECTURES.items()}
 
 
 def create_model(name: str, *, mean: float = MNIST_MEAN, std: float = MNIST_STD, **kwargs) -> nn.Module:
-    """Build a model by name, with the input statistics folded into its first layer."""
-    if name not in MODELS:
-        raise UnknownModelError(f"unknown architecture {name!r}; choose one of {', '.join(MODELS)}")
-    model = MODELS[name].builder(**kwargs)
+    """Build a model by name, with the input statistics in its Normalize layer."""
+    model = MODELS[check_arch(name)].builder(**kwargs)
     model.normalize.mean.fill_(mean)
     model.normalize.std.fill_(std)
     return model

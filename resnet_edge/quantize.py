@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,46 +23,18 @@ import numpy as np
 from .contract import to_pixels
 from .errors import UserError
 from .files import atomic_path
-from .int8 import DEFAULT_SCHEME, audit_weights
+from .config import QuantizationConfig
+from .int8 import audit_weights
 from .int8 import scheme as int8_scheme
 from .contract import INPUT_NAME
 from .runtime import create_session, evaluate_session
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "entropy", "percentile")
 
 
 class AccuracyGuardError(UserError):
     """INT8 loses more accuracy than allowed even with layers kept in float."""
-
-
-@dataclass
-class QuantizationConfig:
-    calibration_size: int = 512  # training images the activation ranges are calibrated on
-    method: str = "minmax"  # minmax | entropy | percentile
-    # "portable" (uint8 activations, int8 weights in [-64, 64]) by default: its accuracy is the same on
-    # every CPU, since no int8 kernel can saturate on it (see int8.py). uint8 activations because ONNX
-    # Runtime's x86 kernels fuse every QDQ Conv of our models into QLinearConv only with them (S8S8 left
-    # 6 of resnet8's 9 convolutions in float, 2x slower than FP32 on an AVX-512 VNNI Xeon).
-    scheme: str = DEFAULT_SCHEME  # portable | vnni | s8s8 (int8.SCHEMES)
-    per_channel: bool = True  # one weight scale per output channel
-    max_accuracy_drop: float = 0.1  # points of test accuracy INT8 may lose against FP32
-    calibration_batch_size: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.calibration_size < 1:
-            raise UserError(f"--calibration-size must be at least 1, got {self.calibration_size}")
-        int8_scheme(self.scheme)  # validates the name
-        if not self.max_accuracy_drop >= 0:
-            raise UserError(f"--max-accuracy-drop must be >= 0 points, got {self.max_accuracy_drop}")
-
-    @property
-    def activation_type(self) -> str:
-        return int8_scheme(self.scheme).activation_type
 
 
 class _Batches:

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import UserError
+from .config import ServerConfig
 from .contract import IMAGE_PIXELS, IMAGE_SIZE, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction, softmax, to_pixels
 from .runtime import create_session
 
@@ -38,26 +38,6 @@ PROBABILITIES = "probabilities"
 OUTPUTS = {OUTPUT_NAME: f"raw scores, FP32 [N, {NUM_CLASSES}]", PROBABILITIES: f"softmax of the logits, FP32 [N, {NUM_CLASSES}]"}
 _SHAPES = ([*INPUT_SHAPE], [IMAGE_SIZE, IMAGE_SIZE], [IMAGE_PIXELS])  # after N
 ACCEPTED_SHAPES = ", ".join("[N, " + ", ".join(map(str, s)) + "]" for s in _SHAPES)
-
-
-@dataclass
-class ServerConfig:
-    model_path: Path
-    model_name: str | None = None  # the name in the URLs; None: the architecture in the model's metadata
-    provider: str = "cpu"
-    threads: int | None = None
-    max_batch_size: int = 64  # rows per ONNX Runtime call
-    max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
-    max_queue: int = 2048  # requests waiting; beyond this: 503
-    max_body_bytes: int = 8 * 2**20
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise UserError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
-        if self.max_delay_ms < 0:
-            raise UserError(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
-        if self.max_body_bytes < 1024:
-            raise UserError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
 
 
 class RequestError(Exception):
@@ -387,8 +367,7 @@ class _GracefulServer(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          announce: Callable[[ServerConfig], None] | None = None) -> None:
+def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[ServerConfig], None] | None = None) -> None:
     """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight and returns.
     ``announce`` is called once the model is loaded (the model name is known then)."""
     app = create_app(config)  # a missing or broken model fails here, before the port is opened
@@ -407,6 +386,6 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_l
         kwargs["http"] = "httptools"
     except ImportError:
         pass
-    server = _GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+    server = _GracefulServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
                                     timeout_graceful_shutdown=30, **kwargs))
     server.run()
