@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from resnet_edge.bench import describe_machine
+from resnet_edge.machine import machine
 from resnet_edge.config import TrainConfig
 from resnet_edge.data import DeviceBatches, load_dataset
 from resnet_edge.models import create_model
@@ -57,14 +57,14 @@ def main() -> None:
             runs[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} img/s" for k, v in runs.items()), flush=True)
     medians = {k: statistics.median(v) for k, v in runs.items()}
-    machine = describe_machine(torch.get_num_threads(), include_torch=True)
+    machine_info = machine(torch.get_num_threads(), include_torch=True)
     for k, v in medians.items():
         print(f"{k:30s} {v:8,.0f} images/s")
-    print("CPU:", machine["cpu"], {f: on for f, on in machine["isa"].items() if "bf16" in f or "amx" in f})
+    print("CPU:", machine_info["cpu"], {f: on for f, on in machine_info["isa"].items() if "bf16" in f or "amx" in f})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
-                                        "images_per_second": runs, "median": medians, "machine": machine}, indent=2) + "\n")
+                                        "images_per_second": runs, "median": medians, "machine": machine_info}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

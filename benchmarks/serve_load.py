@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import socket
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_edge.data import load_test_split
+from resnet_edge.machine import machine
 
 
 def free_port() -> int:
@@ -139,13 +139,7 @@ def main() -> None:
     ratio = summary["batching"]["requests_per_second"] / summary["no batching"]["requests_per_second"]
     print(f"dynamic batching: {ratio:.2f}x the throughput of --max-batch-size 1")
     out = {"model": str(args.model), "clients": args.clients, "seconds": args.seconds, "repeats": args.repeats,
-           "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
-                       "python": platform.python_version()},
-           "runs": runs, "median": summary, "batching_throughput_ratio": ratio}
-    try:
-        out["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+           "machine": machine(gpu=False), "runs": runs, "median": summary, "batching_throughput_ratio": ratio}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from resnet_edge.data import FILES, DeviceBatches, bundled_dir, load_dataset
+from resnet_edge.machine import cpu_info
 from resnet_edge.models import create_model
 from resnet_edge.train import TrainConfig, autocast_dtype, resolve_device, train_step
 
@@ -113,7 +113,7 @@ def main() -> None:
     best = max((k for k in medians if k not in ("ours", "ceiling")), key=medians.get)
     summary = {
         "arch": args.arch, "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info().model,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
         "autocast": str(dtype), "compile": args.compile, "images_per_second": results, "median": medians,
         "best_baseline": best, "ratio_vs_best_baseline": medians["ours"] / medians[best],
