@@ -92,7 +92,7 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             q = quantize_model(fp32, path, dataset.train_images, to_pixels(dataset.test_images), labels,
                                QuantizationConfig(scheme=name, max_accuracy_drop=100.0))
-            result["models"][name] = {"max_abs_weight": q["max_abs_weight"], "saturation_free": q["saturation_free"]}
+            result["models"][name] = {"max_abs_weight": q.max_abs_weight, "saturation_free": q.saturation_free}
             models[name] = path
         preds = {}
         for name, path in models.items():

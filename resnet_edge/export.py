@@ -272,20 +272,16 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
         int8_path = stage / INT8_NAME
         q = quantize_model(fp32_path, int8_path, dataset.train_images, test_pixels, test_labels,
                            qconfig, progress=progress, metadata=meta)
-        report["fp32"].update(test_accuracy=q["fp32_accuracy"], images_per_second=q["fp32_images_per_second"])
-        holds = ("on every CPU: no int8 kernel can saturate on its weights" if q["saturation_free"] else
-                 "only on CPUs with int8 dot-product instructions (VNNI, AMX, ARM dotprod)")
+        report["fp32"].update(test_accuracy=q.fp32_accuracy, images_per_second=q.fp32_images_per_second)
         report["int8"] = {
-            "path": str(run_dir / INT8_NAME), "bytes": int8_path.stat().st_size, "test_accuracy": q["int8_accuracy"],
-            "top1_agreement": q["top1_agreement"], "accuracy_drop_points": q["accuracy_drop_points"],
-            "logits_sqnr_db": q["logits_sqnr_db"], "images_per_second": q["int8_images_per_second"],
+            "path": str(run_dir / INT8_NAME), "bytes": int8_path.stat().st_size,
             "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
-            "float_nodes": q["excluded_nodes"], "graph_nodes": q["graph_nodes"],
-            "guard_rounds": q["rounds"], "scheme": q["scheme"], "max_abs_weight": q["max_abs_weight"],
-            "saturation_free": q["saturation_free"], "accuracy_holds": holds,
+            **{k: v for k, v in asdict(q).items() if not k.startswith("fp32_") and k != "calibration_images"},
+            "accuracy_holds": ("on every CPU: no int8 kernel can saturate on its weights" if q.saturation_free else
+                               "only on x86 CPUs with VNNI/AMX and on ARM (int8 dot-product instructions)"),
         }
         report["settings"]["quantization"] = {**asdict(qconfig), "format": "QDQ", "weight_type": "int8",
-                                              "calibration_images": q["calibration_images"]}
+                                              "calibration_images": q.calibration_images}
     else:
         from .runtime import evaluate_session
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,7 +27,7 @@ from .config import QuantizationConfig
 from .int8 import audit_weights
 from .int8 import scheme as int8_scheme
 from .contract import INPUT_NAME
-from .runtime import create_session, evaluate_session
+from .runtime import EvalResult, create_session, evaluate_session
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +140,77 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(signal / noise)
 
 
+@dataclass
+class QuantizeResult:
+    """What export.json reports about the INT8 model; field names are export.json's."""
+
+    fp32_accuracy: float
+    fp32_images_per_second: float
+    test_accuracy: float
+    images_per_second: float
+    accuracy_drop_points: float
+    top1_agreement: float
+    logits_sqnr_db: float
+    float_nodes: list[str]  # nodes the guard kept in float
+    graph_nodes: int
+    guard_rounds: list[dict[str, Any]]
+    calibration_images: int
+    scheme: dict[str, Any]
+    max_abs_weight: int | None
+    saturation_free: bool | None
+
+
+@dataclass
+class _Round:
+    model: Path
+    result: EvalResult
+    float_nodes: list[str]
+
+
+def _guarded_rounds(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray, test_pixels: np.ndarray,
+                    test_labels: np.ndarray, fp32: EvalResult, config: QuantizationConfig,
+                    bar: Callable[[str, int], Callable[[int], None] | None]) -> tuple[_Round, list[dict[str, Any]]]:
+    """Quantize, measure, and keep the worst-quantized tensors in float (1, 2, 4, ... of them) until the
+    accuracy guard holds; returns the passing round and the log of every round."""
+    import onnx
+
+    graph_nodes = len(onnx.load(str(pre)).graph.node)
+    exclude: list[str] = []
+    ranking: list[tuple[str, float]] | None = None
+    rounds: list[dict[str, Any]] = []
+    keep_float = 0  # how many of the worst-quantized tensors stay float
+    while True:
+        candidate = work / f"int8-{len(rounds)}.onnx"
+        _quantize(pre, candidate, calib, config, exclude, bar("calibrate", len(calib)))
+        int8 = evaluate_session(create_session(candidate, "cpu"), test_pixels, test_labels,
+                                progress=bar("evaluate INT8", len(test_pixels)))
+        drop = 100 * (fp32.accuracy - int8.accuracy)
+        rounds.append({"float_nodes": list(exclude), "int8_accuracy": int8.accuracy, "drop_points": drop})
+        log.info("INT8 accuracy %.4f (drop %.3f points) with %d nodes in float", int8.accuracy, drop, len(exclude))
+        if drop <= config.max_accuracy_drop + 1e-9:
+            return _Round(candidate, int8, exclude), rounds
+        if ranking is None:
+            probe = calibration_images(train_images, 128, config.seed + 1)  # real data, not the calibration set
+            ranking = sensitivity_ranking(pre, candidate, probe)
+        keep_float = max(1, 2 * keep_float)
+        if keep_float >= len(ranking):  # every quantized tensor in float: no INT8 model worth the name
+            best = min(rounds, key=lambda r: r["drop_points"])
+            raise AccuracyGuardError(
+                f"INT8 loses {best['drop_points']:.2f} points of test accuracy ({100 * fp32.accuracy:.2f} % -> "
+                f"{100 * best['int8_accuracy']:.2f} %), more than --max-accuracy-drop {config.max_accuracy_drop:g}; "
+                f"keeping up to {len(exclude)} of {graph_nodes} nodes in float did not bring it within the "
+                "guard; no INT8 model was written (try --calibration-size, --calibration-method)")
+        exclude = _nodes_touching(pre, [name for name, _ in ranking[:keep_float]])
+
+
 def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, test_pixels: np.ndarray,
                    test_labels: np.ndarray, config: QuantizationConfig,
-                   progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
-                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Quantize ``fp32_path`` to ``out_path`` and prove the accuracy; returns the figures for export.json.
+                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                   metadata: dict[str, str] | None = None) -> QuantizeResult:
+    """Quantize ``fp32_path`` to ``out_path`` and prove the accuracy (test set, against FP32).
 
-    ``progress(description, total, ...)`` returns a callback advanced by images done. On failure
-    nothing is written at ``out_path``.
+    ``progress(description, total)`` returns a callback advanced by images done. On failure nothing
+    is written at ``out_path``.
     """
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -158,60 +221,27 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
     calib = calibration_images(train_images, config.calibration_size, config.seed)
     fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels,
                             progress=bar("evaluate FP32", len(test_pixels)))
+    scheme = int8_scheme(config.scheme).metadata(config.per_channel)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
         work = Path(tmp)
         pre = work / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        graph_nodes = [n.name for n in onnx.load(str(pre)).graph.node]
-        exclude: list[str] = []
-        ranking: list[tuple[str, float]] | None = None
-        rounds = []
-        keep_float = 0  # how many of the worst-quantized tensors stay float
-        while True:
-            candidate = work / f"int8-{len(rounds)}.onnx"
-            _quantize(pre, candidate, calib, config, exclude, bar("calibrate", len(calib)))
-            int8 = evaluate_session(create_session(candidate, "cpu"), test_pixels, test_labels,
-                                    progress=bar("evaluate INT8", len(test_pixels)))
-            drop = 100 * (fp32.accuracy - int8.accuracy)
-            rounds.append({"excluded_nodes": list(exclude), "int8_accuracy": int8.accuracy, "drop_points": drop})
-            log.info("INT8 accuracy %.4f (drop %.3f points) with %d nodes in float", int8.accuracy, drop, len(exclude))
-            if drop <= config.max_accuracy_drop + 1e-9:
-                break
-            if ranking is None:
-                probe = calibration_images(train_images, 128, config.seed + 1)  # real data, not the calibration set
-                ranking = sensitivity_ranking(pre, candidate, probe)
-            keep_float = max(1, 2 * keep_float)
-            if keep_float >= len(ranking):  # every quantized tensor in float: no INT8 model worth the name
-                best = min(rounds, key=lambda r: r["drop_points"])
-                raise AccuracyGuardError(
-                    f"INT8 loses {best['drop_points']:.2f} points of test accuracy ({100 * fp32.accuracy:.2f} % -> "
-                    f"{100 * best['int8_accuracy']:.2f} %), more than --max-accuracy-drop {config.max_accuracy_drop:g}; "
-                    f"keeping up to {len(exclude)} of {len(graph_nodes)} nodes in float did not bring it within the "
-                    "guard; no INT8 model was written (try --calibration-size, --calibration-method)")
-            exclude = _nodes_touching(pre, [name for name, _ in ranking[:keep_float]])
-        model = onnx.load(str(candidate))
+        graph_nodes = len(onnx.load(str(pre)).graph.node)
+        passed, rounds = _guarded_rounds(pre, work, calib, train_images, test_pixels, test_labels, fp32, config, bar)
+        model = onnx.load(str(passed.model))
         props = dict(metadata or {})
         props["quantization"] = json.dumps({**asdict(config), "format": "QDQ", "weight_type": "int8",
-                                            "excluded_nodes": exclude})
-        props["int8_scheme"] = json.dumps(int8_scheme(config.scheme).metadata(config.per_channel))
+                                            "float_nodes": passed.float_nodes})
+        props["int8_scheme"] = json.dumps(scheme)
         onnx.helper.set_model_props(model, props)
         with atomic_path(out_path) as final:
             onnx.save(model, str(final))
-    agreement = float((int8.predictions == fp32.predictions).mean())
-    audit = audit_weights(model)
-    return {
-        "fp32_accuracy": fp32.accuracy,
-        "fp32_images_per_second": fp32.images_per_second,
-        "int8_accuracy": int8.accuracy,
-        "int8_images_per_second": int8.images_per_second,
-        "accuracy_drop_points": 100 * (fp32.accuracy - int8.accuracy),
-        "top1_agreement": agreement,
-        "logits_sqnr_db": sqnr_db(fp32.logits, int8.logits),
-        "excluded_nodes": exclude,
-        "graph_nodes": len(graph_nodes),
-        "rounds": rounds,
-        "calibration_images": len(calib),
-        "scheme": int8_scheme(config.scheme).metadata(config.per_channel),
-        "max_abs_weight": audit.max_abs_weight if audit else None,
-        "saturation_free": audit.saturation_free if audit else None,
-    }
+    int8, audit = passed.result, audit_weights(model)
+    return QuantizeResult(
+        fp32_accuracy=fp32.accuracy, fp32_images_per_second=fp32.images_per_second,
+        test_accuracy=int8.accuracy, images_per_second=int8.images_per_second,
+        accuracy_drop_points=100 * (fp32.accuracy - int8.accuracy),
+        top1_agreement=float((int8.predictions == fp32.predictions).mean()),
+        logits_sqnr_db=sqnr_db(fp32.logits, int8.logits), float_nodes=passed.float_nodes, graph_nodes=graph_nodes,
+        guard_rounds=rounds, calibration_images=len(calib), scheme=scheme,
+        max_abs_weight=audit.max_abs_weight if audit else None, saturation_free=audit.saturation_free if audit else None)

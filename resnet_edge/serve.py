@@ -228,17 +228,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     """The FastAPI app for one model. The session is created here unless given (tests may pass one)."""
+    from contextlib import asynccontextmanager
+
     from . import __version__
-    from .preprocess import ImageError, image_to_pixels
 
     session = session or create_session(config.model_path, config.provider, threads=config.threads)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if config.model_name is None:
         config.model_name = meta.get("architecture") or Path(config.model_path).name.split(".")[0]
-    metadata_body = model_metadata(config.model_name, meta)
     state: dict[str, Any] = {"ready": False}
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -250,30 +248,45 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
         await batcher.stop()
 
     app = FastAPI(title="resnet-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    _add_health_routes(app, config, state, model_metadata(config.model_name, meta))
+    _add_inference_routes(app, config, state)
+    return app
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
 
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _check_model(config: ServerConfig, name: str) -> None:
+    if name != config.model_name:
+        raise RequestError(404, f"unknown model {name!r}; this server serves {config.model_name!r}")
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every error a client can cause answers {"error": message} with its status; anything else 500."""
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return error(exc.status, str(exc))
+        return _error(exc.status, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(400, "invalid request")
+        return _error(400, "invalid request")
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error(500, "internal server error")
+        return _error(500, "internal server error")
 
-    def check_model(name: str) -> None:
-        if name != config.model_name:
-            raise RequestError(404, f"unknown model {name!r}; this server serves {config.model_name!r}")
+
+
+def _add_health_routes(app: Any, config: ServerConfig, state: dict[str, Any], metadata_body: dict[str, Any]) -> None:
+    """Server and model metadata, liveness and readiness (Open Inference Protocol)."""
+    from . import __version__
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -289,17 +302,22 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
 
     @app.get("/v2/models/{name}")
     async def metadata(name: str) -> dict[str, Any]:
-        check_model(name)
+        _check_model(config, name)
         return metadata_body
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> Response:
-        check_model(name)
+        _check_model(config, name)
         return JSONResponse({"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+
+def _add_inference_routes(app: Any, config: ServerConfig, state: dict[str, Any]) -> None:
+    """POST /v2/models/{name}/infer (tensors) and /v1/predict (one image file)."""
+    from .preprocess import ImageError, image_to_pixels
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> Response:
-        check_model(name)
+        _check_model(config, name)
         raw = await _read_body(request, config.max_body_bytes)
         try:
             body = json.loads(raw)
@@ -331,8 +349,6 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
             raise RequestError(400, str(exc)) from None
         logits = await state["batcher"].infer(pixels)
         return digit_prediction(logits[0])
-
-    return app
 
 
 async def _multipart_file(request: Any, raw: bytes) -> bytes:

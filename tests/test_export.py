@@ -128,10 +128,10 @@ def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monk
     out = tmp_path / "model.int8.onnx"
     result = quantize_model(run / "model.onnx", out, to_pixels(load_dataset().train_images[:512]),
                             images[:2000], labels[:2000], QuantizationConfig(calibration_size=128))
-    assert [r["drop_points"] > 0.1 for r in result["rounds"]] == [True, False]
-    assert result["excluded_nodes"] and result["accuracy_drop_points"] <= 0.1
+    assert [r["drop_points"] > 0.1 for r in result.guard_rounds] == [True, False]
+    assert result.float_nodes and result.accuracy_drop_points <= 0.1
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert json.loads(props["quantization"])["excluded_nodes"] == result["excluded_nodes"]
+    assert json.loads(props["quantization"])["float_nodes"] == result.float_nodes
 
 
 def test_export_bad_checkpoints(tmp_path, trained_run):
