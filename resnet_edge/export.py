@@ -57,32 +57,15 @@ class ParityResult:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (in eval mode) with every BatchNorm folded into the convolution before it.
+    """A copy of ``model`` in eval mode with every BatchNorm folded into the convolution before it
+    (torch.fx's Conv+BN fusion, which works on any traceable model, whatever its attribute names)."""
+    from torch.fx.experimental.optimization import fuse
 
-    Our blocks pair ``convN`` with ``bnN`` on the same parent, and shortcuts are Sequential(conv, bn).
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model = copy.deepcopy(model).eval()
-    for parent in model.modules():
-        children = dict(parent.named_children())
-        if isinstance(parent, nn.Sequential):
-            names = list(children)
-            for a, b in zip(names, names[1:]):
-                if isinstance(children[a], nn.Conv2d) and isinstance(children[b], nn.BatchNorm2d):
-                    setattr(parent, a, fuse_conv_bn_eval(children[a], children[b]))
-                    setattr(parent, b, nn.Identity())
-            continue
-        for name, child in children.items():
-            if isinstance(child, nn.Conv2d) and name.startswith("conv"):
-                bn = children.get("bn" + name[len("conv"):])
-                if isinstance(bn, nn.BatchNorm2d):
-                    setattr(parent, name, fuse_conv_bn_eval(child, bn))
-                    setattr(parent, "bn" + name[len("conv"):], nn.Identity())
-    remaining = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    folded = fuse(copy.deepcopy(model).eval())
+    remaining = [n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if remaining:
         raise RuntimeError(f"BatchNorm layers left unfolded: {remaining}")
-    return model
+    return folded
 
 
 def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:

@@ -167,30 +167,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, image_size: int = IMAGE_SIZE, in_chans: int = 1) -> int:
-    """Multiply-accumulates of one forward pass at 1 x in_chans x image_size x image_size
-    (convolutions and linear layers, which are all but a fraction of a percent of the work)."""
-    total = 0
+    """Multiply-accumulates of one forward pass at 1 x in_chans x image_size x image_size, as
+    torch.utils.flop_counter counts them (convolutions and matrix products; FLOPs = 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def conv_hook(m: nn.Conv2d, _inp, out: Tensor) -> None:
-        nonlocal total
-        kh, kw = m.kernel_size
-        total += out.numel() * (m.in_channels // m.groups) * kh * kw
-
-    def linear_hook(m: nn.Linear, _inp, out: Tensor) -> None:
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, in_chans, image_size, image_size))
     model.train(was_training)
-    for h in hooks:
-        h.remove()
-    return total
+    return counter.get_total_flops() // 2

@@ -37,28 +37,28 @@ class AccuracyGuardError(UserError):
     """INT8 loses more accuracy than allowed even with layers kept in float."""
 
 
-class _Batches:
-    """onnxruntime's CalibrationDataReader protocol over an array of images, with a progress hook."""
+def _batches(images: np.ndarray, batch_size: int, progress: Callable[[int], None] | None = None) -> Any:
+    """onnxruntime's CalibrationDataReader over an array of images, with a progress hook."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, images: np.ndarray, batch_size: int, progress: Callable[[int], None] | None = None) -> None:
-        self.images, self.batch_size, self.progress = images, batch_size, progress
-        self._it: Iterator[dict[str, np.ndarray]] = self._gen()
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rewind()
 
-    def _gen(self) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(0, len(self.images), self.batch_size):
-            batch = self.images[i:i + self.batch_size]
-            if self.progress:
-                self.progress(len(batch))
-            yield {INPUT_NAME: batch}
+        def _gen(self) -> Iterator[dict[str, np.ndarray]]:
+            for i in range(0, len(images), batch_size):
+                batch = images[i:i + batch_size]
+                if progress:
+                    progress(len(batch))
+                yield {INPUT_NAME: batch}
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self._gen()
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
+        def rewind(self) -> None:
+            self._it = self._gen()
 
-    def rewind(self) -> None:
-        self._it = self._gen()
+    return Batches()
 
 
 def calibration_images(train_images: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -77,7 +77,7 @@ def _quantize(pre_path: Path, out_path: Path, calib: np.ndarray, config: Quantiz
               "percentile": CalibrationMethod.Percentile}[config.method]
     scheme = int8_scheme(config.scheme)
     act = QuantType.QInt8 if scheme.activation_type == "int8" else QuantType.QUInt8
-    quantize_static(str(pre_path), str(out_path), _Batches(calib, config.calibration_batch_size, progress),
+    quantize_static(str(pre_path), str(out_path), _batches(calib, config.calibration_batch_size, progress),
                     quant_format=QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
                     reduce_range=scheme.reduce_range,
                     weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude or None,

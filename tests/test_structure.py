@@ -1,0 +1,70 @@
+"""The shape of the code that the README and docs/DESIGN.md promise: imports run one way
+(cli -> stages -> library), stages do not reach into each other, and the inference side never
+imports torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "resnet_edge"
+
+# Each stage is the module(s) behind one command; a stage may use the library, never another stage.
+STAGES = {
+    "train": {"train"},
+    "export": {"export"},
+    "eval": {"evaluate"},
+    "bench": {"bench", "bench_worker", "bench_report"},
+    "serve": {"serve"},
+}
+LIBRARY = {"contract", "config", "errors", "files", "machine", "int8", "data", "models", "checkpoint", "runtime",
+           "quantize", "preprocess", "variants"}
+# What an edge box runs: eval of .onnx, bench --no-torch, serve, predict.
+INFERENCE = ["contract", "config", "errors", "files", "machine", "int8", "data", "runtime", "quantize", "preprocess",
+             "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve"]
+
+
+def _internal_imports(module: str) -> set[str]:
+    """Every resnet_edge module that ``module`` imports, at the top or inside a function."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("resnet_edge."):
+                found.add(node.module.split(".")[1])
+    return found - {module}
+
+
+def test_every_module_is_classified():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "cli"}
+    assert modules == set().union(*STAGES.values()) | LIBRARY
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stages_do_not_import_each_other(stage):
+    others = set().union(*(mods for name, mods in STAGES.items() if name != stage))
+    for module in STAGES[stage]:
+        assert not (_internal_imports(module) & others), f"{module} imports {_internal_imports(module) & others}"
+
+
+def test_library_imports_no_stage_and_not_the_cli():
+    stages = set().union(*STAGES.values())
+    for module in LIBRARY:
+        bad = _internal_imports(module) & (stages | {"cli"})
+        assert not bad, f"library module {module} imports {bad}"
+
+
+def test_inference_modules_import_no_torch():
+    code = ("import sys\n"
+            + "".join(f"import resnet_edge.{m}\n" for m in INFERENCE)
+            + "from resnet_edge.cli import app\n"
+            + "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
