@@ -65,8 +65,10 @@ class DynamicBatcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.task: asyncio.Task | None = None
-        self.batches = 0
-        self.rows = 0
+        self.batches = 0  # ONNX Runtime calls made
+        self.rows = 0  # images answered
+        self.requests = 0  # requests answered
+        self.pending = 0  # requests accepted and not answered yet (queued or in the running batch)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -86,7 +88,11 @@ class DynamicBatcher:
             self.queue.put_nowait(_Job(pixels, future))
         except asyncio.QueueFull:
             raise RequestError(503, f"server busy: {self.queue.maxsize} requests already queued; retry later") from None
-        return await future
+        self.pending += 1
+        try:
+            return await future
+        finally:
+            self.pending -= 1
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
@@ -126,6 +132,7 @@ class DynamicBatcher:
                 continue
             self.batches += 1
             self.rows += rows
+            self.requests += len(jobs)
             start = 0
             for j in jobs:
                 n = len(j.pixels)
@@ -304,6 +311,15 @@ def _add_health_routes(app: Any, config: ServerConfig, state: dict[str, Any], me
     async def metadata(name: str) -> dict[str, Any]:
         _check_model(config, name)
         return metadata_body
+
+    @app.get("/v2/models/{name}/stats")
+    async def stats(name: str) -> dict[str, Any]:
+        """Triton's statistics extension, in brief: how much was served and how it was batched."""
+        _check_model(config, name)
+        batcher = state.get("batcher")
+        counts = {"inference_count": batcher.rows, "execution_count": batcher.batches,
+                  "request_count": batcher.requests, "pending_requests": batcher.pending} if batcher else {}
+        return {"model_stats": [{"name": name, "version": "1", **counts}]}
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> Response:

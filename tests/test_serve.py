@@ -188,24 +188,61 @@ def test_concurrent_callers_each_get_their_own_answer(server, trained_run, test_
         assert r.status_code == 200, r.text
         return i, np.array(r.json()["outputs"][0]["data"]).reshape(n, 10)
 
+    before = httpx.get(f"{server}/v2/models/digits/stats").json()["model_stats"][0]
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(90)))
     for i, got in results:
         assert np.abs(got - expected[i:i + len(got)]).max() < 1e-4, f"request {i} got another caller's rows"
+    after = httpx.get(f"{server}/v2/models/digits/stats").json()["model_stats"][0]
+    requests = after["request_count"] - before["request_count"]
+    calls = after["execution_count"] - before["execution_count"]
+    assert requests == 90 and after["inference_count"] - before["inference_count"] == 180
+    assert calls < requests, "no two requests were ever merged into one ONNX Runtime call"
+
+
+def test_batcher_merges_waiting_requests_and_splits_answers_by_caller():
+    import asyncio
+
+    from resnet_edge.serve import DynamicBatcher
+
+    calls = []
+
+    class RecordingSession:  # logits = the pixel value of each row, so every row says whose it is
+        def run(self, names, feeds):
+            x = feeds["pixels"]
+            calls.append(len(x))
+            return [np.repeat(x[:, 0, 0, :1], 10, axis=1)]
+
+    async def scenario():
+        batcher = DynamicBatcher(RecordingSession(), max_batch_size=8, max_delay_ms=50, max_queue=100)
+        batcher.start()
+        sizes = [1, 2, 3, 1, 1]
+        jobs = [batcher.infer(np.full((n, 1, 28, 28), i, np.float32)) for i, n in enumerate(sizes)]
+        results = await asyncio.gather(*jobs)
+        await batcher.stop()
+        return sizes, results
+
+    sizes, results = asyncio.run(scenario())
+    assert calls == [8]  # all five requests, 8 rows, in one call
+    for i, (n, r) in enumerate(zip(sizes, results)):
+        assert r.shape == (n, 10) and (r == i).all()
 
 
 def test_sigterm_finishes_in_flight_requests(trained_run, test_images):
     run, _, _ = trained_run
     images, _ = test_images
-    proc, url = _start(run / "model.onnx", "--max-delay-ms", 200, "--max-batch-size", 64)
+    proc, url = _start(run / "model.onnx", "--max-delay-ms", 1000, "--max-batch-size", 64)
     result = {}
 
-    def slow():  # waits ~200 ms in the batcher: in flight when SIGTERM arrives
+    def slow():  # waits ~1 s in the batcher: in flight when SIGTERM arrives
         result["r"] = _infer(url, images[:1])
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.1)
+    deadline = time.time() + 30  # SIGTERM only once the server holds the request (no sleep-based bet)
+    while httpx.get(f"{url}/v2/models/digits/stats").json()["model_stats"][0]["pending_requests"] < 1:
+        assert time.time() < deadline and t.is_alive(), "the request never reached the batcher"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     t.join(30)
     assert proc.wait(timeout=30) == 0
