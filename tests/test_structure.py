@@ -68,3 +68,24 @@ def test_inference_modules_import_no_torch():
             + "from resnet_edge.cli import app\n"
             + "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CONTRACT_LITERALS = {28, 784, "pixels", "logits", "model.onnx", "model.int8.onnx", "checkpoint.pt", "export.json",
+                     "train.json", "bench.json"}
+
+
+def test_contract_literals_live_in_the_contract_module_only():
+    """Code (docstrings and comments aside) spells no tensor name, input size or run-folder file name."""
+    offenders = []
+    for path in PACKAGE.glob("*.py"):
+        if path.stem == "contract":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and id(node) not in docstrings and not isinstance(node.value, bool)
+                    and node.value in CONTRACT_LITERALS):
+                offenders.append(f"{path.name}:{node.lineno} {node.value!r}")
+    assert not offenders, offenders
