@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import BenchConfig, EvalConfig, ExportConfig, QuantizationConfig, ServerConfig, TrainConfig
-from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, EXPORT_REPORT, FP32_MODEL, INT8_MODEL
+from .config import BenchConfig, EvalConfig, ExportConfig, PackageConfig, QuantizationConfig, ServerConfig, TrainConfig
+from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, DEPLOY_DIR, EXPORT_REPORT, FP32_MODEL, INT8_MODEL
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,6 +43,18 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _need_torch(command: str) -> None:
+    """Commands that run PyTorch say so in one line on an inference-only install."""
+    if not _torch_available():
+        raise UserError(f'{command} needs PyTorch, which this install does not have: pip install "resnet-edge[train]"')
 
 
 def _version(value: bool) -> None:
@@ -135,6 +147,7 @@ def train_cli(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a ResNet on MNIST (GPU when there is one) and write checkpoint.pt and train.json."""
+    _need_torch("train")
     from .files import ensure_writable_dir, run_dir_for
     from .train import train
 
@@ -183,6 +196,7 @@ def _check_resume_epochs(run_dir: Path, epochs: int) -> None:
 @user_errors
 def models_cli() -> None:
     """List the architectures with their parameters and compute at 1x28x28."""
+    _need_torch("models")
     from .models import MODELS, count_macs, count_parameters, create_model
 
     table = Table(title="ResNet family (input 1x28x28, 10 classes)")
@@ -228,6 +242,7 @@ def export_cli(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
+    _need_torch("export")
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
                                  max_accuracy_drop=max_accuracy_drop, scheme=scheme)
     config = ExportConfig(opset=opset, quantize=quantize, quantization=qconfig if quantize else None)
@@ -276,13 +291,15 @@ def eval_cli(
 
         run_dir = _resolve_run(run)
         check_same_checkpoint(run_dir)
-        paths = [p for p in (run_dir / CHECKPOINT, run_dir / FP32_MODEL, run_dir / INT8_MODEL) if p.exists()]
+        paths = [p for p in (run_dir / CHECKPOINT, run_dir / FP32_MODEL, run_dir / INT8_MODEL) if p.exists()
+                 and (p.suffix == ".onnx" or _torch_available())]
         for p in paths:
             if p.suffix == ".onnx":
                 _saturation_check(p, provider, refuse=False)
     elif model is not None and model.suffix == ".pt":
         if variant != "auto":
             raise UserError("--variant chooses among a run's ONNX models; a .pt checkpoint has one")
+        _need_torch("eval of a .pt checkpoint")
         paths = [model]
     else:
         paths = [_choose_model(run, model, variant, "throughput", provider, refuse_saturating=False)]
@@ -323,6 +340,10 @@ def bench_cli(
     from .bench import run_bench, write_reports
     from .files import ensure_writable_dir
 
+    if not no_torch and not _torch_available():
+        err_console.print('note: PyTorch is not installed, so only ONNX Runtime is measured (as with --no-torch; '
+                          'pip install "resnet-edge[train]" adds it)', highlight=False, soft_wrap=True)
+        no_torch = True
     config = BenchConfig(provider=provider, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), duration=duration,
                          threads=threads, torch=not no_torch, min_runs=min_runs)
     run_dir = _resolve_run(run)
@@ -396,13 +417,40 @@ def _saturation_check(path: Path, provider: str, refuse: bool) -> None:
         err_console.print(f"warning: {path}: {problem}", highlight=False, soft_wrap=True, style="bold yellow")
 
 
+@app.command("package")
+@user_errors
+def package_cli(
+    run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
+    out: Optional[Path] = typer.Option(None, help="Deployment folder to write (default: <run>/deploy): triton/, kserve.yaml, ort/."),
+    max_batch_size: int = typer.Option(PackageConfig.max_batch_size, help="Triton max_batch_size (the dynamic batch)."),
+    queue_delay_us: int = typer.Option(PackageConfig.queue_delay_us, help="Triton dynamic batching queue delay (microseconds)."),
+    kind: str = typer.Option(PackageConfig.kind, help="Triton instance_group kind: cpu | gpu."),
+    instances: int = typer.Option(PackageConfig.instances, help="Model instances per Triton server."),
+    threads: int = typer.Option(PackageConfig.threads, help="ONNX Runtime intra-op threads per instance (0: its default)."),
+    storage_uri: str = typer.Option(PackageConfig.storage_uri, help="Where KServe will find the repository (kserve.yaml)."),
+    ort: bool = typer.Option(PackageConfig.ort, help="Also write ORT-format models (parity-checked) for minimal builds."),
+) -> None:
+    """Write a Triton model repository, a KServe InferenceService and ORT-format models from the run."""
+    from .package import package_run
+
+    config = PackageConfig(max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, kind=kind,
+                           instances=instances, threads=threads, storage_uri=storage_uri, ort=ort)
+    run_dir = _resolve_run(run)
+    report = package_run(run_dir, out or run_dir / DEPLOY_DIR, config)
+    console.print(f"Triton repository ({', '.join(report['models'])}): {report['repository']}; KServe: {report['kserve']}",
+                  highlight=False, soft_wrap=True)
+    for variant, diff in report["ort_parity_max_abs_diff"].items():
+        console.print(f"ORT format {variant}: same outputs as the .onnx (max |diff| {diff:.1e})", highlight=False)
+
+
 @app.command("serve")
 @user_errors
 def serve_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
     model: Optional[Path] = typer.Option(None, help="An .onnx model (default: chosen from the run, see --variant)."),
     variant: str = typer.Option("auto", help=VARIANT_HELP),
-    model_name: Optional[str] = typer.Option(None, help="Name in the URLs (default: the architecture)."),
+    repository: Optional[Path] = typer.Option(None, help="A Triton model repository (`resnet-edge package` writes <run>/deploy/triton); serves --model-name from it."),
+    model_name: Optional[str] = typer.Option(None, help="Name in the URLs (default: the architecture; with --repository, the model to serve)."),
     host: str = typer.Option(ServerConfig.host, help="Address to listen on."),
     port: int = typer.Option(ServerConfig.port, help="Port to listen on."),
     provider: str = typer.Option(ServerConfig.provider, help="ONNX Runtime execution provider."),
@@ -418,13 +466,39 @@ def serve_cli(
     config = ServerConfig(model_name=model_name, provider=provider, threads=threads, max_batch_size=max_batch_size,
                           max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
                           host=host, port=port)  # options checked before any model is read
-    config.model_path = _choose_model(run, model, variant, "throughput", provider)
+    if repository is not None:
+        if run is not None or model is not None:
+            raise UserError("give --repository, --run or --model, one of them")
+        config.model_path, config.model_name = _repository_model(repository, model_name, provider)
+    else:
+        config.model_path = _choose_model(run, model, variant, "throughput", provider)
 
     def announce(c: ServerConfig) -> None:
         err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name} "
                           f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms} ms)", highlight=False, soft_wrap=True)
 
     serve(config, announce=announce)
+
+
+def _repository_model(repository: Path, name: Optional[str], provider: str) -> tuple[Path, str]:
+    """The model a repository serves: --model-name, else its only model, else INT8 where this CPU has
+    int8 dot-product instructions and FP32 elsewhere (the same rule as --variant auto without a bench)."""
+    from .machine import cpu_info
+    from .package import repository_models
+
+    models = repository_models(repository)
+    if name is None:
+        if len(models) == 1:
+            name = next(iter(models))
+        else:
+            int8 = [m for m in models if m.endswith("_int8")]
+            fp32 = [m for m in models if not m.endswith("_int8")]
+            name = (int8 if int8 and cpu_info().int8_dot_product else fp32 or int8)[0]
+            err_console.print(f"serving {name} of {', '.join(models)} (--model-name chooses)", highlight=False)
+    if name not in models:
+        raise UserError(f"{repository}: no model {name!r}; it holds {', '.join(models)}")
+    _saturation_check(models[name], provider, refuse=True)
+    return models[name], name
 
 
 @app.command("predict")

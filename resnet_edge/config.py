@@ -170,3 +170,21 @@ class ServerConfig:
         _at_least("--threads", self.threads, 1)
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be 0-65535, got {self.port}")
+
+
+@dataclass
+class PackageConfig:
+    max_batch_size: int = 64
+    queue_delay_us: int = 2000  # Triton's max_queue_delay_microseconds
+    kind: str = "cpu"  # cpu | gpu: Triton's instance_group kind
+    instances: int = 1
+    threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: ONNX Runtime's default
+    storage_uri: str = "pvc://resnet-edge/model_repository"
+    ort: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "gpu"):
+            raise UserError(f"--kind must be cpu or gpu, got {self.kind!r}")
+        for option, value, low in (("--max-batch-size", self.max_batch_size, 1), ("--queue-delay-us", self.queue_delay_us, 0),
+                                   ("--instances", self.instances, 1), ("--threads", self.threads, 0)):
+            _at_least(option, value, low)

@@ -63,6 +63,7 @@ ARTIFACTS = {
     "bench_json": Artifact("bench.json", "bench", "every cell, ratios, recommendation, machine"),
     "bench_md": Artifact("bench.md", "bench", "the same as a Markdown report"),
     "bench_png": Artifact("bench.png", "bench", "latency and throughput plot"),
+    "deploy": Artifact("deploy", "package", "folder: Triton repository (triton/), kserve.yaml, ORT-format models (ort/)"),
 }
 CHECKPOINT = ARTIFACTS["checkpoint"].name
 TRAIN_REPORT = ARTIFACTS["train_report"].name
@@ -72,4 +73,6 @@ EXPORT_REPORT = ARTIFACTS["export_report"].name
 BENCH_JSON = ARTIFACTS["bench_json"].name
 BENCH_MD = ARTIFACTS["bench_md"].name
 BENCH_PNG = ARTIFACTS["bench_png"].name
+DEPLOY_DIR = ARTIFACTS["deploy"].name
 MODEL_FILES = {"fp32": FP32_MODEL, "int8": INT8_MODEL}  # deployable variants
+TRITON_MODEL_FILE = "model.onnx"  # what Triton's onnxruntime_onnx platform loads from <model>/<version>/

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, EXPORT_REPORT, INPUT_NAME,
+from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, INPUT_NAME,
                        INPUT_SHAPE, LABELS, NUM_CLASSES, OUTPUT_NAME)
 from .contract import FP32_MODEL as FP32_NAME
 from .contract import INT8_MODEL as INT8_NAME
@@ -189,10 +189,14 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
         # a subset of one export, never files of two.
         stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_NAME, FP32_NAME) if (run_dir / n).exists()]
         report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
+        if (run_dir / DEPLOY_DIR).is_dir():  # `package` copies of the old models
+            report["removed_stale"].append(DEPLOY_DIR)
         report["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(stage / EXPORT_REPORT, report)
         for name in stale:
             (run_dir / name).unlink()
+        if DEPLOY_DIR in report["removed_stale"]:
+            shutil.rmtree(run_dir / DEPLOY_DIR)
         for name in (FP32_NAME, INT8_NAME, EXPORT_REPORT):
             if (stage / name).exists():
                 os.replace(stage / name, run_dir / name)

@@ -1,0 +1,180 @@
+"""`package`: a run's models laid out for the serving engines that scale out, and for minimal runtimes.
+
+Writes, from a run folder (torch-free), into one deployment folder (default ``<run>/deploy``):
+- ``triton/``, a Triton model repository: ``<name>/config.pbtxt``, ``<name>/1/model.onnx`` and ``<name>/labels.txt``
+  for the FP32 model (``<arch>``) and the INT8 model (``<arch>_int8``): platform onnxruntime_onnx,
+  the dynamic batch as max_batch_size (dims without the batch dimension), dynamic batching with a
+  queue delay, an instance group for CPU or GPU, ONNX Runtime thread settings;
+- ``kserve.yaml``: a KServe InferenceService (protocol v2, model format onnx) for that repository
+  (beside it, not in it: Triton takes every folder of a repository for a model);
+- ``ort/``: the models in ONNX Runtime's ORT format for minimal and mobile builds, with the
+  required-operators config, each checked to give the same outputs as its .onnx.
+``resnet-edge serve --repository DIR/triton`` serves the same layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import INPUT_NAME, INPUT_SHAPE, LABELS, MODEL_FILES, NUM_CLASSES, OUTPUT_NAME, TRITON_MODEL_FILE
+from .config import PackageConfig
+from .errors import UserError
+from .files import write_bytes
+
+log = logging.getLogger(__name__)
+
+REPOSITORY_MODEL = TRITON_MODEL_FILE
+LABELS_FILE = "labels.txt"
+TRITON_DIR = "triton"
+ORT_PARITY_ATOL = 1e-5
+
+
+def triton_config(name: str, config: PackageConfig) -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig) for one of our ONNX models."""
+    dims = ", ".join(str(d) for d in INPUT_SHAPE)
+    kind = "KIND_GPU" if config.kind == "gpu" else "KIND_CPU"
+    lines = [
+        f'name: "{name}"',
+        'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {config.max_batch_size}",
+        "input [",
+        f'  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ {dims} ] }}',
+        "]",
+        "output [",
+        f'  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] label_filename: "{LABELS_FILE}" }}',
+        "]",
+        "dynamic_batching {",
+        f"  max_queue_delay_microseconds: {config.queue_delay_us}",
+        "}",
+        f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
+    ]
+    if config.threads:
+        for key in ("intra_op_thread_count", "inter_op_thread_count"):
+            value = config.threads if key.startswith("intra") else 1
+            lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def kserve_manifest(arch: str, names: list[str], config: PackageConfig) -> str:
+    """A KServe InferenceService for the repository, served by KServe's Triton runtime (protocol v2)."""
+    gpu = '\n          nvidia.com/gpu: "1"' if config.kind == "gpu" else ""
+    return f"""# KServe InferenceService for the Triton model repository triton/ beside this file ({", ".join(names)}).
+# Copy the contents of triton/ to the storage named below, then: kubectl apply -f kserve.yaml
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: resnet-edge-{arch}
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: onnx
+      protocolVersion: v2
+      storageUri: {config.storage_uri}
+      resources:
+        requests:
+          cpu: "1"
+          memory: 1Gi
+        limits:
+          cpu: "2"
+          memory: 2Gi{gpu}
+"""
+
+
+def _ort_parity(onnx_path: Path, ort_path: Path) -> float:
+    from .data import load_test_split
+    from .runtime import create_session
+
+    images, _ = load_test_split()
+    x = np.ascontiguousarray(images[:64])
+    expected = create_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    import onnxruntime as ort  # an .ort file is not an ONNX protobuf: ONNX Runtime reads it directly
+
+    session = ort.InferenceSession(str(ort_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    diff = float(np.abs(got - expected).max())
+    if got.shape != expected.shape or diff > ORT_PARITY_ATOL:
+        raise UserError(f"{ort_path.name}: the ORT-format model differs from {onnx_path.name} (max |diff| {diff:.3g}, "
+                        f"tolerance {ORT_PARITY_ATOL:g}); nothing was written")
+    return diff
+
+
+def _convert_to_ort(models: dict[str, Path], work: Path) -> dict[str, Any]:
+    """ONNX Runtime's own converter, on copies named after the variant; returns parity per model."""
+    src = work / "onnx"
+    src.mkdir()
+    for variant, path in models.items():
+        shutil.copyfile(path, src / f"model.{variant}.onnx")
+    out = work / "ort"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src),
+                           "--output_dir", str(out), "--optimization_style", "Fixed"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"ORT-format conversion failed: {tail[:200]}")
+    parity = {}
+    for variant in models:
+        ort_path = out / f"model.{variant}.ort"
+        if not ort_path.exists():
+            raise UserError(f"ORT-format conversion wrote no {ort_path.name}")
+        parity[variant] = _ort_parity(src / f"model.{variant}.onnx", ort_path)
+    for leftover in out.glob("*.onnx"):
+        leftover.unlink()
+    return parity
+
+
+def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str, Any]:
+    """Write the Triton repository (``out_dir/triton``), the KServe manifest and the ORT models for
+    ``run_dir`` into ``out_dir`` (built aside and moved into place whole)."""
+    from .runtime import check_model_file
+    from .variants import check_same_checkpoint
+
+    models = {v: run_dir / n for v, n in MODEL_FILES.items() if (run_dir / n).exists()}
+    if not models:
+        raise UserError(f"{run_dir}: no model to package (run `resnet-edge export --quantize` first)")
+    check_same_checkpoint(run_dir)
+    arch = {p.key: p.value for p in check_model_file(next(iter(models.values()))).metadata_props}.get("architecture") \
+        or run_dir.name
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+        stage = Path(tmp) / "deploy"
+        names = []
+        for variant, path in models.items():
+            name = arch if variant == "fp32" else f"{arch}_{variant}"
+            names.append(name)
+            model_dir = stage / TRITON_DIR / name
+            (model_dir / "1").mkdir(parents=True)
+            shutil.copyfile(path, model_dir / "1" / REPOSITORY_MODEL)
+            write_bytes(model_dir / "config.pbtxt", triton_config(name, config).encode())
+            write_bytes(model_dir / LABELS_FILE, ("\n".join(LABELS) + "\n").encode())
+        write_bytes(stage / "kserve.yaml", kserve_manifest(arch, names, config).encode())
+        parity = _convert_to_ort(models, Path(tmp)) if config.ort else {}
+        if config.ort:
+            shutil.move(str(Path(tmp) / "ort"), str(stage / "ort"))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+    return {"repository": str(out_dir / TRITON_DIR), "models": names, "ort_parity_max_abs_diff": parity,
+            "kserve": str(out_dir / "kserve.yaml")}
+
+
+def repository_models(repository: Path) -> dict[str, Path]:
+    """Model name -> the model.onnx of its highest numbered version, for a Triton-style repository."""
+    if not repository.is_dir():
+        raise UserError(f"{repository}: no model repository there")
+    found = {}
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and (p / "config.pbtxt").exists()):
+        versions = sorted((v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()
+                           and (v / REPOSITORY_MODEL).exists()), key=lambda v: int(v.name))
+        if versions:
+            found[model_dir.name] = versions[-1] / REPOSITORY_MODEL
+    if not found:
+        raise UserError(f"{repository}: no <model>/config.pbtxt with a <version>/{REPOSITORY_MODEL} in it")
+    return found

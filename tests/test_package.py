@@ -1,0 +1,163 @@
+"""`package`: a Triton repository checked with Triton's own ModelConfig protobuf, a KServe manifest,
+ORT-format models with parity, and `serve --repository` answering like `serve --model`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from resnet_edge.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def deploy(trained_run, tmp_path_factory):
+    run, _, _ = trained_run
+    copy = tmp_path_factory.mktemp("pkg") / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("bench.*", "deploy"))
+    result = runner.invoke(app, ["package", "--run", str(copy), "--max-batch-size", "32", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    return copy, copy / "deploy"
+
+
+def _graph_io(path):
+    graph = onnx.load(str(path)).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    return {v.name: dims(v) for v in graph.input}, {v.name: dims(v) for v in graph.output}
+
+
+@pytest.mark.parametrize("name, source", [("resnet8", "model.onnx"), ("resnet8_int8", "model.int8.onnx")])
+def test_triton_config_parses_with_tritons_protobuf_and_matches_the_graph(deploy, name, source):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    run, out = deploy
+    folder = out / "triton" / name
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert (folder / "1" / "model.onnx").read_bytes() == (run / source).read_bytes()
+    inputs, outputs = _graph_io(folder / "1" / "model.onnx")
+    assert {i.name: [d for d in i.dims] for i in config.input} == {k: v[1:] for k, v in inputs.items()}
+    assert {o.name: [d for d in o.dims] for o in config.output} == {k: v[1:] for k, v in outputs.items()}
+    assert all(isinstance(v[0], str) for v in (*inputs.values(), *outputs.values()))  # dynamic batch left out
+    assert config.input[0].data_type == mc.TYPE_FP32 and config.output[0].data_type == mc.TYPE_FP32
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and config.instance_group[0].count == 1
+    assert config.parameters["intra_op_thread_count"].string_value == "2"
+    labels = (folder / config.output[0].label_filename).read_text().split()
+    assert labels == [str(i) for i in range(10)]
+
+
+def test_kserve_manifest(deploy):
+    import yaml
+
+    _, out = deploy
+    manifest = yaml.safe_load((out / "kserve.yaml").read_text())
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
+    model = manifest["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "onnx" and model["protocolVersion"] == "v2"
+    assert model["storageUri"] and model["resources"]["limits"]["cpu"]
+
+
+def test_ort_format_models_match_the_onnx_models(deploy):
+    import onnxruntime as ort
+
+    from resnet_edge.data import load_test_split
+
+    run, out = deploy
+    images, _ = load_test_split()
+    x = images[:100]
+    for variant, source in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        ort_model = out / "ort" / f"model.{variant}.ort"
+        assert ort_model.read_bytes()[4:8] == b"ORTM"  # the flatbuffer's file identifier
+        got = ort.InferenceSession(str(ort_model), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+        expected = ort.InferenceSession(str(run / source), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+        assert np.abs(got - expected).max() <= 1e-5
+    assert "Conv" in (out / "ort" / "required_operators.config").read_text()
+
+
+def _serve(*args):
+    from test_serve import _free_port
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_edge", "serve", "--port", str(port), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def test_serve_repository_answers_like_serve_model(deploy):
+    from resnet_edge.data import load_test_split
+
+    run, out = deploy
+    images, _ = load_test_split()
+    body = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [8, 1, 28, 28],
+                        "data": images[:8].reshape(-1).tolist()}]}
+    answers = []
+    for args in (["--repository", out / "triton", "--model-name", "resnet8"], ["--model", run / "model.onnx",
+                                                                                "--model-name", "resnet8"]):
+        proc, url = _serve(*args)
+        try:
+            r = httpx.post(f"{url}/v2/models/resnet8/infer", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            answers.append(np.array(r.json()["outputs"][0]["data"]))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert np.array_equal(answers[0], answers[1])
+
+
+def test_tritonclient_http_json_against_our_server(deploy):
+    """Triton's own HTTP client, in JSON mode, gets the same digits as `predict` would."""
+    import tritonclient.http as triton
+
+    from resnet_edge.data import load_test_split
+    from resnet_edge.runtime import create_session
+
+    run, out = deploy
+    images, _ = load_test_split()
+    x = np.ascontiguousarray(images[:16])
+    proc, url = _serve("--repository", out / "triton", "--model-name", "resnet8")
+    try:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        assert client.is_server_ready() and client.is_model_ready("resnet8")
+        inp = triton.InferInput("pixels", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=False)
+        result = client.infer("resnet8", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=False)])
+        logits = result.as_numpy("logits")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    expected = create_session(run / "model.onnx").run(["logits"], {"pixels": x})[0]
+    assert np.array_equal(logits.argmax(1), expected.argmax(1)) and np.abs(logits - expected).max() < 1e-4
+
+
+def test_package_and_repository_errors(tmp_path, deploy):
+    def line(args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 1, result.output
+        return result.stderr.strip()
+
+    run, out = deploy
+    assert "no model to package" in line(["package", "--run", tmp_path])
+    assert "--kind must be cpu or gpu" in line(["package", "--run", run, "--kind", "tpu"])
+    assert "no model 'resnet9'" in line(["serve", "--repository", out / "triton", "--model-name", "resnet9"])
+    assert "no model repository there" in line(["serve", "--repository", tmp_path / "none"])
