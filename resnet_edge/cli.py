@@ -253,6 +253,10 @@ def export_cli(
     with progress:
         report = export_run(run_dir, opset=config.opset, quantize=config.quantize, qconfig=config.quantization,
                             progress=open_bar)
+    _print_export(report, run_dir)
+
+
+def _print_export(report: dict[str, Any], run_dir: Path) -> None:
     table = Table(title=f"{report['arch']} export ({run_dir})")
     for col in ("model", "test acc.", "agreement", "size", "check"):
         table.add_column(col, justify="left" if col in ("model", "check") else "right")
@@ -421,7 +425,7 @@ def _saturation_check(path: Path, provider: str, refuse: bool) -> None:
 @user_errors
 def package_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
-    out: Optional[Path] = typer.Option(None, help="Deployment folder to write (default: <run>/deploy): triton/, kserve.yaml, ort/."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Deployment folder to write (default: <run>/deploy): triton/, kserve.yaml, ort/."),
     max_batch_size: int = typer.Option(PackageConfig.max_batch_size, help="Triton max_batch_size (the dynamic batch)."),
     queue_delay_us: int = typer.Option(PackageConfig.queue_delay_us, help="Triton dynamic batching queue delay (microseconds)."),
     kind: str = typer.Option(PackageConfig.kind, help="Triton instance_group kind: cpu | gpu."),
@@ -437,10 +441,10 @@ def package_cli(
                            instances=instances, threads=threads, storage_uri=storage_uri, ort=ort)
     run_dir = _resolve_run(run)
     report = package_run(run_dir, out or run_dir / DEPLOY_DIR, config)
-    console.print(f"Triton repository ({', '.join(report['models'])}): {report['repository']}; KServe: {report['kserve']}",
-                  highlight=False, soft_wrap=True)
-    for variant, diff in report["ort_parity_max_abs_diff"].items():
-        console.print(f"ORT format {variant}: same outputs as the .onnx (max |diff| {diff:.1e})", highlight=False)
+    lines = [f"Triton repository ({', '.join(report['models'])}): {report['repository']}; KServe: {report['kserve']}"]
+    lines += [f"ORT format {variant}: same outputs as the .onnx (max |diff| {diff:.1e})"
+              for variant, diff in report["ort_parity_max_abs_diff"].items()]
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 @app.command("serve")

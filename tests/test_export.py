@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import error_line
 from resnet_edge.cli import app
 from resnet_edge.data import load_test_split
 from resnet_edge.quantize import AccuracyGuardError, QuantizationConfig, quantize_model
@@ -15,15 +16,6 @@ from resnet_edge.runtime import create_session
 from resnet_edge.checkpoint import load_checkpoint, model_from_checkpoint
 
 runner = CliRunner()
-
-
-def _error_line(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_real_mnist_end_to_end(trained_run):
@@ -136,29 +128,29 @@ def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monk
 
 def test_export_bad_checkpoints(tmp_path, trained_run):
     run, _, _ = trained_run
-    assert "no checkpoint there" in _error_line(["export", "--run", tmp_path / "empty"])
+    assert "no checkpoint there" in error_line(["export", "--run", tmp_path / "empty"])
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:3000])
-    assert "not a readable checkpoint" in _error_line(["export", "--run", cut])
+    assert "not a readable checkpoint" in error_line(["export", "--run", cut])
     assert not (cut / "model.onnx").exists()
 
 
 def test_export_option_errors(trained_run):
     run, _, _ = trained_run
-    assert "--calibration-method must be one of" in _error_line(["export", "--run", run, "--calibration-method", "magic"])
-    assert "--calibration-size must be at least 1" in _error_line(["export", "--run", run, "--calibration-size", "0"])
+    assert "--calibration-method must be one of" in error_line(["export", "--run", run, "--calibration-method", "magic"])
+    assert "--calibration-size must be at least 1" in error_line(["export", "--run", run, "--calibration-size", "0"])
 
 
 def test_eval_bad_onnx_files(tmp_path, trained_run):
     run, _, _ = trained_run
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07garbage" * 10)
-    assert "not a readable ONNX model" in _error_line(["eval", corrupt])
+    assert "not a readable ONNX model" in error_line(["eval", corrupt])
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes((run / "model.onnx").read_bytes()[:5000])
-    assert "truncated" in _error_line(["eval", truncated])
-    assert "no model file there" in _error_line(["eval", tmp_path / "missing.onnx"])
+    assert "truncated" in error_line(["eval", truncated])
+    assert "no model file there" in error_line(["eval", tmp_path / "missing.onnx"])
 
 
 def _with_external_data(src, folder, location):
@@ -182,7 +174,7 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, trained_run, loca
     (tmp_path / "x").write_bytes(b"\0" * 64)
     (folder / "link.bin").symlink_to(tmp_path / "x")
     path = _with_external_data(run / "model.onnx", folder, location)
-    assert "points outside the model's folder" in _error_line(["eval", path])
+    assert "points outside the model's folder" in error_line(["eval", path])
 
 
 def test_eval_refuses_a_model_outside_the_contract(tmp_path):
@@ -193,7 +185,7 @@ def test_eval_refuses_a_model_outside_the_contract(tmp_path):
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g", [x], [y]))
     path = tmp_path / "other.onnx"
     onnx.save(model, str(path))
-    assert "expected one input named 'pixels'" in _error_line(["eval", path])
+    assert "expected one input named 'pixels'" in error_line(["eval", path])
 
 
 def test_eval_reports_the_run_models(trained_run):

@@ -15,6 +15,7 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from helpers import error_line
 from resnet_edge.cli import app
 from resnet_edge.machine import CpuInfo
 
@@ -107,14 +108,6 @@ def test_portable_model_has_no_cpu_problem(trained_run):
     assert audit_weights(onnx.load(str(run / "model.onnx"))) is None  # FP32: nothing to saturate
 
 
-def _error_line(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_predict_and_serve_refuse_a_saturating_model_on_a_cpu_without_vnni(vnni_model, monkeypatch, tmp_path):
     from PIL import Image
 
@@ -123,8 +116,8 @@ def test_predict_and_serve_refuse_a_saturating_model_on_a_cpu_without_vnni(vnni_
     monkeypatch.setattr(machine, "cpu_info", lambda *a: AVX2_ONLY)
     png = tmp_path / "digit.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
-    assert "needs int8 dot-product instructions" in _error_line(["predict", png, "--model", vnni_model])
-    assert "needs int8 dot-product instructions" in _error_line(["serve", "--model", vnni_model, "--port", "0"])
+    assert "needs int8 dot-product instructions" in error_line(["predict", png, "--model", vnni_model])
+    assert "needs int8 dot-product instructions" in error_line(["serve", "--model", vnni_model, "--port", "0"])
     result = runner.invoke(app, ["eval", str(vnni_model)])  # eval measures what happens, loudly
     assert result.exit_code == 0 and "warning:" in result.stderr
 
@@ -215,7 +208,7 @@ def test_a_pair_from_two_checkpoints_is_refused(trained_run, tmp_path):
 
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
     for args in (["predict", png, "--run", run], ["serve", "--run", run, "--port", "0"], ["eval", "--run", run]):
-        assert "come from different checkpoints" in _error_line(args)
+        assert "come from different checkpoints" in error_line(args)
 
 
 def test_predict_says_which_file_it_chose_and_why(trained_run, tmp_path, mnist):

@@ -4,9 +4,6 @@ ORT-format models with parity, and `serve --repository` answering like `serve --
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -14,6 +11,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
+from helpers import start_server
 from resnet_edge.cli import app
 
 runner = CliRunner()
@@ -85,25 +83,6 @@ def test_ort_format_models_match_the_onnx_models(deploy):
     assert "Conv" in (out / "ort" / "required_operators.config").read_text()
 
 
-def _serve(*args):
-    from test_serve import _free_port
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_edge", "serve", "--port", str(port), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
-
-
 def test_serve_repository_answers_like_serve_model(deploy):
     from resnet_edge.data import load_test_split
 
@@ -114,7 +93,7 @@ def test_serve_repository_answers_like_serve_model(deploy):
     answers = []
     for args in (["--repository", out / "triton", "--model-name", "resnet8"], ["--model", run / "model.onnx",
                                                                                 "--model-name", "resnet8"]):
-        proc, url = _serve(*args)
+        proc, url = start_server(*args)
         try:
             r = httpx.post(f"{url}/v2/models/resnet8/infer", json=body, timeout=30)
             assert r.status_code == 200, r.text
@@ -135,7 +114,7 @@ def test_tritonclient_http_json_against_our_server(deploy):
     run, out = deploy
     images, _ = load_test_split()
     x = np.ascontiguousarray(images[:16])
-    proc, url = _serve("--repository", out / "triton", "--model-name", "resnet8")
+    proc, url = start_server("--repository", out / "triton", "--model-name", "resnet8")
     try:
         client = triton.InferenceServerClient(url.removeprefix("http://"))
         assert client.is_server_ready() and client.is_model_ready("resnet8")

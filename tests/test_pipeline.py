@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import error_line
 from resnet_edge.cli import app
 
 runner = CliRunner()
@@ -22,15 +23,6 @@ def _ok(args):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     return result
-
-
-def _error_line(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_stages_chain_without_run_flags(trained_run, tmp_path, monkeypatch, mnist):
@@ -64,14 +56,14 @@ def test_stages_chain_without_run_flags(trained_run, tmp_path, monkeypatch, mnis
 ])
 def test_option_errors_are_one_line(args, message, trained_run):
     run, _, _ = trained_run
-    assert message in _error_line([*args, "--run", run])
+    assert message in error_line([*args, "--run", run])
 
 
 def test_resume_refuses_another_epoch_count(trained_run, tmp_path):
     run, _, _ = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    line = _error_line(["train", "--run", copy, "--resume", "--epochs", "40"])
+    line = error_line(["train", "--run", copy, "--resume", "--epochs", "40"])
     assert "continues the saved recipe of 1 epochs" in line and "--epochs 40" in line
 
 
@@ -87,7 +79,7 @@ def test_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
         ParityResult(1, 0.0, True, True, [1, 10], [1, 10]),
         ParityResult(7, 0.25, False, True, [7, 10], [7, 10]),
         ParityResult(64, 0.0, False, False, [64, 10], [1, 10])])
-    line = _error_line(["export", "--run", copy, "--quantize"])
+    line = error_line(["export", "--run", copy, "--quantize"])
     assert "ONNX model does not match PyTorch" in line and "shape failures: batch 64: expected [64, 10], got [1, 10]" in line
     assert "batch 7: max |diff| 0.25, top-1 differs" in line and "no model was written" in line
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before

@@ -3,7 +3,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,39 +15,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import free_port, start_server
 from resnet_edge.cli import app
 from resnet_edge.data import load_test_split
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model, *extra):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_edge", "serve", "--model", str(model), "--port", str(port),
-                             "--model-name", "digits", *map(str, extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 @pytest.fixture(scope="module")
 def server(trained_run):
     run, _, _ = trained_run
-    proc, url = _start(run / "model.int8.onnx", "--max-body-bytes", 200_000, "--max-batch-size", 16, "--max-delay-ms", 5)
+    proc, url = start_server("--model", run / "model.int8.onnx", "--model-name", "digits", "--max-body-bytes", 200_000, "--max-batch-size", 16, "--max-delay-ms", 5)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -231,7 +206,7 @@ def test_batcher_merges_waiting_requests_and_splits_answers_by_caller():
 def test_sigterm_finishes_in_flight_requests(trained_run, test_images):
     run, _, _ = trained_run
     images, _ = test_images
-    proc, url = _start(run / "model.onnx", "--max-delay-ms", 1000, "--max-batch-size", 64)
+    proc, url = start_server("--model", run / "model.onnx", "--model-name", "digits", "--max-delay-ms", 1000, "--max-batch-size", 64)
     result = {}
 
     def slow():  # waits ~1 s in the batcher: in flight when SIGTERM arrives
@@ -252,7 +227,7 @@ def test_sigterm_finishes_in_flight_requests(trained_run, test_images):
 def test_server_refuses_to_start_with_a_broken_model(tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"garbage")
-    result = CliRunner().invoke(app, ["serve", "--model", str(broken), "--port", str(_free_port())])
+    result = CliRunner().invoke(app, ["serve", "--model", str(broken), "--port", str(free_port())])
     assert result.exit_code == 1 and result.stderr.strip().startswith("error: ") and "not a readable ONNX model" in result.stderr
 
 
