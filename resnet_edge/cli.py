@@ -4,6 +4,7 @@ renders the result. Heavy imports (torch, onnxruntime) happen inside the command
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from pathlib import Path
@@ -29,6 +30,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+# Errors of the machine rather than of the code: the disk is full, a file-size limit, a folder that
+# cannot be written. Files are written to temporaries and moved into place, so none is left partial.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a mistake the user can make into one line `error: ...` and exit 1, never a traceback."""
 
@@ -38,6 +44,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UserError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}; nothing was left half-written")
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130)
@@ -505,6 +516,18 @@ def _repository_model(repository: Path, name: Optional[str], provider: str) -> t
     return models[name], name
 
 
+def _print_to_pipe(text: str) -> None:
+    """Print for a consumer that may stop reading (`| head -c1`): a closed pipe ends quietly."""
+    import os
+    import sys
+
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(0) from None
+
+
 @app.command("predict")
 @user_errors
 def predict_cli(
@@ -535,7 +558,7 @@ def predict_cli(
             raise UserError(f"{path}: {exc}") from None
         results.append({"path": str(path), **digit_prediction(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0][0])})
     if as_json:
-        print(json.dumps(results))
+        _print_to_pipe(json.dumps(results))
         return
     for r in results:
         console.print(f"{r['path']}: {r['digit']} ({100 * max(r['probabilities']):.1f} %)", highlight=False)

@@ -9,10 +9,10 @@ This module does not import torch at import time: the inference paths read test 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import struct
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -69,14 +69,54 @@ def bundled_dir() -> Path:
     return Path(str(resources.files("resnet_edge") / "data"))
 
 
-def _open_payload(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise DataError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
-    return raw
+def _read(path: Path, n: int = -1) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _idx_size(header: bytes, source: str) -> int:
+    """Total bytes (header included) that an IDX header promises; the ceiling for decompression."""
+    if len(header) < 4:
+        raise DataError(f"{source}: too short to be an IDX file ({len(header)} bytes)")
+    ndim = header[3]
+    if header[:2] != b"\0\0" or header[2] != 0x08 or not 1 <= ndim <= 3:
+        magic, = struct.unpack(">I", header[:4])
+        raise DataError(f"{source}: wrong magic number 0x{magic:08x}, not an IDX file of uint8 images or labels")
+    if len(header) < 4 + 4 * ndim:
+        raise DataError(f"{source}: header truncated")
+    dims = struct.unpack(f">{ndim}I", header[4:4 + 4 * ndim])
+    return 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+
+
+MAX_IDX_BYTES = 2**34  # 16 GiB: no header may ask for more, whatever it says
+
+
+def _open_payload(path: Path) -> tuple[bytes, bytes]:
+    """(raw file bytes, uncompressed IDX payload). A gzip stream is decompressed only up to the size its
+    own IDX header promises (plus one byte, to notice more): a gzip bomb costs at most that."""
+    raw = _read(path)
+    if raw[:2] != b"\x1f\x8b":
+        return raw, raw
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        head = stream.decompress(raw, 16)
+        while len(head) < 16 and stream.unconsumed_tail:
+            head += stream.decompress(stream.unconsumed_tail, 16 - len(head))
+        limit = _idx_size(head, str(path))
+        if limit > MAX_IDX_BYTES:
+            raise DataError(f"{path}: its IDX header promises {limit:,} bytes, more than any dataset we read")
+        body = stream.decompress(stream.unconsumed_tail, limit - len(head) + 1)
+    except zlib.error as exc:
+        raise DataError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
+    payload = head + body
+    if len(payload) > limit:
+        raise DataError(f"{path}: the gzip stream holds more than the {limit:,} bytes its IDX header promises; refused")
+    if not stream.eof:
+        raise DataError(f"{path}: corrupt or truncated gzip stream (ends after {len(payload):,} bytes)")
+    return raw, payload
 
 
 def parse_idx(payload: bytes, expected_magic: int, source: str) -> np.ndarray:
@@ -108,13 +148,18 @@ def _find(data_dir: Path, stem: str) -> Path:
 
 
 def _read_checksums(data_dir: Path) -> dict[str, str]:
+    """SHA256SUMS as `sha256sum` writes it: `<hex digest>  <file name>`, names of payloads or of .gz files."""
     sums = data_dir / "SHA256SUMS"
     if not sums.is_file():
         return {}
+    try:
+        text = _read(sums).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{sums}: not a text file (expected lines `<sha256>  <file name>`)") from None
     table = {}
-    for line in sums.read_text().splitlines():
+    for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 2:
+        if len(parts) == 2 and len(parts[0]) == 64:
             table[parts[1].lstrip("*")] = parts[0].lower()
     return table
 
@@ -124,12 +169,16 @@ def _load_split(folder: Path, split: str, checksums: dict[str, str]) -> tuple[np
     for kind in ("images", "labels"):
         stem = FILES[split, kind]
         path = _find(folder, stem)
-        payload = _open_payload(path)
-        expected = checksums.get(stem)
-        if expected is not None:
-            digest = hashlib.sha256(payload).hexdigest()
+        raw, payload = _open_payload(path)
+        # An entry may name the payload (checked whatever the compression) or the file as it is on disk.
+        for name, data in ((stem, payload), (path.name, raw)):
+            expected = checksums.get(name)
+            if expected is None:
+                continue
+            digest = hashlib.sha256(data).hexdigest()
             if digest != expected:
-                raise DataError(f"{path}: SHA-256 of the payload is {digest[:16]}..., expected {expected[:16]}... (corrupt file)")
+                raise DataError(f"{path}: SHA-256 of the {'payload' if data is payload else 'file'} is {digest[:16]}..., SHA256SUMS says {expected[:16]}... "
+                                "(corrupt or changed file)")
         arrays[kind] = parse_idx(payload, IMAGE_MAGIC if kind == "images" else LABEL_MAGIC, str(path))
     images, labels = arrays["images"], arrays["labels"]
     if len(images) != len(labels):

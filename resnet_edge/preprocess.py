@@ -35,6 +35,10 @@ def decode_image(data: bytes) -> np.ndarray:
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- or 32-bit gray: scale, never clip to 8 bits
+                wide = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or wide.max() <= 65535 else float(wide.max())
+                return (np.clip(wide, 0, None) / top).astype(np.float32)
             gray = img.convert("L")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode the image ({str(exc).splitlines()[0][:120] or type(exc).__name__})") from None

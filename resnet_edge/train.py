@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import evaluate, load_checkpoint
+from .checkpoint import CheckpointError, evaluate, load_checkpoint
 from .config import TrainConfig
 from .contract import CHECKPOINT, TRAIN_REPORT
 from .data import Dataset, DeviceBatches, load_dataset
@@ -157,12 +157,17 @@ def _setup(config: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, data
         torch.from_numpy(dataset.test_images).to(device), torch.from_numpy(dataset.test_labels.astype(np.int64)).to(device),
         dataset.name, (mean, std))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], generator)
-        session.start_epoch, session.history = ckpt["epoch"], list(ckpt["history"])
-        session.seconds = float(ckpt.get("seconds", 0.0))
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"], generator)
+            session.start_epoch, session.history = int(ckpt["epoch"]), list(ckpt["history"])
+            session.seconds = float(ckpt.get("seconds", 0.0))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{run_dir / CHECKPOINT}: cannot resume from it: its state does not fit "
+                                  f"{config.arch} with this recipe ({detail})") from None
         if session.start_epoch >= config.epochs:
             log.info("checkpoint already holds all %d epochs; nothing to do", config.epochs)
     return session

@@ -1,0 +1,181 @@
+"""Bad files and faults outside the server: one line, exit 1, nothing lost (issue reproducers)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_dataset, write_idx
+from helpers import error_line
+from resnet_edge.data import DataError, bundled_dir, load_dataset
+
+
+def _gzip_bomb(path, mb: int) -> None:
+    """A valid IDX image header claiming 10 images, then ``mb`` MB of zeros, gzip-compressed (~1000:1)."""
+    header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28))
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunks = [z.compress(header)]
+    zeros = bytes(2**20)
+    for _ in range(mb):
+        chunks.append(z.compress(zeros))
+    chunks.append(z.flush())
+    path.write_bytes(b"".join(chunks))
+
+
+def test_gzip_bomb_is_refused_at_the_size_its_header_promises(tmp_path):
+    folder = write_dataset(tmp_path / "d", compress=True)
+    _gzip_bomb(folder / "train-images-idx3-ubyte.gz", 256)  # 256 MB of zeros behind a 7,856-byte promise
+    with pytest.raises(DataError, match=r"holds more than the 7,856 bytes its IDX header promises"):
+        load_dataset(folder)
+
+
+def test_a_header_asking_for_terabytes_is_refused(tmp_path):
+    folder = write_dataset(tmp_path / "d", compress=True)
+    header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2**31, 28, 28))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header))
+    with pytest.raises(DataError, match="more than any dataset we read"):
+        load_dataset(folder)
+
+
+def _sha256sum_style(folder, names):
+    lines = [f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}" for n in names]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+def test_sha256sums_naming_the_gz_files_is_checked(tmp_path):
+    """`sha256sum *.gz > SHA256SUMS` names the compressed files; a tampered one must not load."""
+    folder = tmp_path / "mnist"
+    shutil.copytree(bundled_dir(), folder)
+    (folder / "SHA256SUMS").unlink()
+    names = sorted(p.name for p in folder.glob("*.gz"))
+    _sha256sum_style(folder, names)
+    load_dataset(folder)  # as written: every file matches
+    labels = np.frombuffer(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:], np.uint8).copy()
+    labels[0] = (labels[0] + 1) % 10
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", 0x801, labels, compress=True)
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: SHA-256 of the file .* SHA256SUMS says"):
+        load_dataset(folder)
+
+
+def test_non_utf8_sha256sums_is_one_line(tmp_path):
+    folder = write_dataset(tmp_path / "d")
+    (folder / "SHA256SUMS").write_bytes(b"\xff\xfe\x00garbage\n")
+    line = error_line(["train", "--data-dir", folder, "--run", tmp_path / "run", "--epochs", "1"])
+    assert "SHA256SUMS: not a text file" in line
+
+
+def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch):
+    import resnet_edge.data as data
+
+    folder = write_dataset(tmp_path / "d")
+    real_open = open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith("train-labels-idx1-ubyte"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", deny, raising=False)
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: cannot read .Permission denied"):
+        load_dataset(folder)
+
+
+def _bad_checkpoint(run, tmp_path, mutate):
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    mutate(ckpt)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    torch.save(ckpt, folder / "checkpoint.pt")
+    (folder / "train.json").write_text((run / "train.json").read_text())
+    return folder
+
+
+@pytest.mark.parametrize("name, mutate, message", [
+    ("config-not-dict", lambda c: c.__setitem__("config", ["resnet8"]), "not a resnet-edge checkpoint"),
+    ("model-not-dict", lambda c: c.__setitem__("model", 3), "not a resnet-edge checkpoint"),
+    ("unhashable-arch", lambda c: c["config"].__setitem__("arch", ["resnet8"]), "unknown architecture"),
+    ("other-arch", lambda c: c["config"].__setitem__("arch", "resnet14"), "weights do not fit resnet14"),
+])
+def test_checkpoints_of_the_wrong_structure(trained_run, tmp_path, name, mutate, message):
+    run, _, _ = trained_run
+    folder = _bad_checkpoint(run, tmp_path, mutate)
+    assert message in error_line(["export", "--run", folder])
+    assert message in error_line(["eval", folder / "checkpoint.pt"])
+    assert not (folder / "model.onnx").exists()
+
+
+def test_resume_against_a_checkpoint_of_another_shape(trained_run, tmp_path):
+    run, _, _ = trained_run
+
+    def other_weights(c):  # a resnet8 recipe whose weights are of another shape
+        c["model"]["fc.weight"] = torch.zeros(3, 3)
+
+    folder = _bad_checkpoint(run, tmp_path, other_weights)
+    before = (folder / "checkpoint.pt").read_bytes()
+    line = error_line(["train", "--run", folder, "--resume", "--device", "cpu"])
+    assert "cannot resume from it" in line
+    assert (folder / "checkpoint.pt").read_bytes() == before
+
+
+def _limited(limit_bytes):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return preexec
+
+
+def test_file_size_limit_during_export_is_one_line_and_leaves_the_run_whole(trained_run, tmp_path):
+    run, _, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("bench.*", "deploy"))
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "resnet_edge", "export", "--run", str(copy), "--quantize", "--quiet"],
+                          capture_output=True, text=True, preexec_fn=_limited(100_000))
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "File too large" in lines[0], proc.stderr
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before  # no partial or temporary file
+
+
+def test_predict_into_a_closed_pipe_is_quiet(trained_run, tmp_path, mnist):
+    run, _, _ = trained_run
+    png = tmp_path / "d.png"
+    Image.fromarray(mnist.test_images[0]).save(png)
+    code = ("import sys; sys.argv = ['resnet-edge', 'predict'] + [sys.argv[1]] * 200 + ['--model', sys.argv[2], '--json']\n"
+            "from resnet_edge.cli import app; app()")
+    producer = subprocess.Popen([sys.executable, "-c", code, str(png), str(run / "model.onnx")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = producer.stdout.read(1)  # `| head -c1`
+    producer.stdout.close()
+    stderr = producer.stderr.read().decode()
+    assert producer.wait(timeout=120) == 0 and first == b"["
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(mnist):
+    from resnet_edge.preprocess import image_to_pixels
+
+    digit = mnist.test_images[0]
+    buf8, buf16 = io.BytesIO(), io.BytesIO()
+    Image.fromarray(digit).save(buf8, format="PNG")
+    # A grey-ink scan: the digit at a quarter of full scale, 16 bits per pixel.
+    Image.fromarray(digit.astype(np.uint16) * 64).save(buf16, format="PNG")
+    eight, sixteen = image_to_pixels(buf8.getvalue()), image_to_pixels(buf16.getvalue())
+    assert sixteen.max() > 0.9  # not "blank", not a saturated blob
+    assert np.abs(eight - sixteen).mean() < 0.02
+
+
+def test_export_json_is_valid_after_all_this(trained_run):
+    run, _, _ = trained_run
+    assert json.loads((run / "export.json").read_text())["int8"]["saturation_free"] is True
