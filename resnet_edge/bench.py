@@ -48,7 +48,7 @@ def _run_cell(variant: str, model: Path, config: BenchConfig, batch_size: int) -
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"benchmark worker for {variant} batch {batch_size} failed: {tail}")
+        raise UserError(f"benchmark worker for {variant} batch {batch_size} failed: {tail}")
     row = json.loads(lines[-1])
     if "error" in row:
         raise UserError(row["error"])

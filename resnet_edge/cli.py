@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import BenchConfig, EvalConfig, ExportConfig, PackageConfig, QuantizationConfig, ServerConfig, TrainConfig
+from .config import (BenchConfig, EvalConfig, ExportConfig, PackageConfig, QuantizationConfig, ServerConfig, TrainConfig,
+                     check_resume_epochs)
 from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, DEPLOY_DIR, EXPORT_REPORT, FP32_MODEL, INT8_MODEL
 from .errors import UserError
 
@@ -62,10 +63,17 @@ def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _need_torch(command: str) -> None:
-    """Commands that run PyTorch say so in one line on an inference-only install."""
-    if not _torch_available():
+def _need_torch(command: str, *also: str) -> None:
+    """Commands that run PyTorch say so in one line on an inference-only install (or one that lacks
+    torchvision, or the exporter's onnxscript)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "torchvision", *also) if importlib.util.find_spec(m) is None]
+    if missing == ["torch", "torchvision", *also] or "torch" in missing:
         raise UserError(f'{command} needs PyTorch, which this install does not have: pip install "resnet-edge[train]"')
+    if missing:
+        raise UserError(f'{command} needs {" and ".join(missing)}, which this install does not have: '
+                        'pip install "resnet-edge[train]"')
 
 
 def _version(value: bool) -> None:
@@ -169,7 +177,7 @@ def train_cli(
     if resume and not (run_dir / CHECKPOINT).exists():
         raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
     if resume and epochs is not None:
-        _check_resume_epochs(run_dir, epochs)
+        check_resume_epochs(run_dir, epochs)
     ensure_writable_dir(run_dir)
     reporter = RichTrainReporter(quiet)
     try:
@@ -185,21 +193,6 @@ def train_cli(
     console.print(f"trained {report['arch']} ({report['params']:,} parameters) for {report['epochs_done']} epochs on "
                   f"{report['device']} in {report['seconds']:.1f} s: test accuracy "
                   f"{100 * acc:.2f} % -> {run_dir}", highlight=False)
-
-
-def _check_resume_epochs(run_dir: Path, epochs: int) -> None:
-    """--resume continues the saved recipe (its one-cycle schedule is fixed by the epoch count)."""
-    import json
-
-    from .contract import TRAIN_REPORT
-
-    try:
-        saved = json.loads((run_dir / TRAIN_REPORT).read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return
-    if isinstance(saved, int) and saved != epochs:
-        raise UserError(f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
-                        f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -253,7 +246,7 @@ def export_cli(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
-    _need_torch("export")
+    _need_torch("export", "onnxscript")
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
                                  max_accuracy_drop=max_accuracy_drop, scheme=scheme)
     config = ExportConfig(opset=opset, quantize=quantize, quantization=qconfig if quantize else None)
@@ -308,6 +301,8 @@ def eval_cli(
         check_same_checkpoint(run_dir)
         paths = [p for p in (run_dir / CHECKPOINT, run_dir / FP32_MODEL, run_dir / INT8_MODEL) if p.exists()
                  and (p.suffix == ".onnx" or _torch_available())]
+        if not paths:
+            raise UserError(f"{run_dir}: nothing to evaluate (no models, and no PyTorch for the checkpoint)")
         for p in paths:
             if p.suffix == ".onnx":
                 _saturation_check(p, provider, refuse=False)
@@ -482,9 +477,14 @@ def serve_cli(
                           max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
                           host=host, port=port)  # options checked before any model is read
     if repository is not None:
-        if run is not None or model is not None:
-            raise UserError("give --repository, --run or --model, one of them")
-        config.model_path, config.model_name = _repository_model(repository, model_name, provider)
+        if run is not None or model is not None or variant != "auto":
+            raise UserError("--repository chooses its model with --model-name; give it without --run, --model or --variant")
+        from .variants import choose_repository_model
+
+        choice = choose_repository_model(repository, model_name, provider)
+        _saturation_check(choice.path, provider, refuse=True)
+        err_console.print(f"serving {choice.variant} of {repository} ({choice.reason})", highlight=False, soft_wrap=True)
+        config.model_path, config.model_name = choice.path, choice.variant
     else:
         config.model_path = _choose_model(run, model, variant, "throughput", provider)
 
@@ -493,27 +493,6 @@ def serve_cli(
                           f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms} ms)", highlight=False, soft_wrap=True)
 
     serve(config, announce=announce)
-
-
-def _repository_model(repository: Path, name: Optional[str], provider: str) -> tuple[Path, str]:
-    """The model a repository serves: --model-name, else its only model, else INT8 where this CPU has
-    int8 dot-product instructions and FP32 elsewhere (the same rule as --variant auto without a bench)."""
-    from .machine import cpu_info
-    from .package import repository_models
-
-    models = repository_models(repository)
-    if name is None:
-        if len(models) == 1:
-            name = next(iter(models))
-        else:
-            int8 = [m for m in models if m.endswith("_int8")]
-            fp32 = [m for m in models if not m.endswith("_int8")]
-            name = (int8 if int8 and cpu_info().int8_dot_product else fp32 or int8)[0]
-            err_console.print(f"serving {name} of {', '.join(models)} (--model-name chooses)", highlight=False)
-    if name not in models:
-        raise UserError(f"{repository}: no model {name!r}; it holds {', '.join(models)}")
-    _saturation_check(models[name], provider, refuse=True)
-    return models[name], name
 
 
 def _print_to_pipe(text: str) -> None:
@@ -534,29 +513,18 @@ def predict_cli(
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) of single digits."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
     model: Optional[Path] = typer.Option(None, help="An .onnx model (default: chosen from the run, see --variant)."),
-    variant: str = typer.Option("auto", help=VARIANT_HELP),
-    provider: str = typer.Option("cpu", help="ONNX Runtime execution provider."),
+    variant: str = typer.Option(EvalConfig.variant, help=VARIANT_HELP),
+    provider: str = typer.Option(EvalConfig.provider, help="ONNX Runtime execution provider."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {path, digit, probabilities}."),
 ) -> None:
     """Classify image files with the same MNIST-style preprocessing as the server's /v1/predict."""
     import json
 
-    from .contract import INPUT_NAME, OUTPUT_NAME, digit_prediction
-    from .preprocess import image_to_pixels
+    from .predict import predict_files
     from .runtime import create_session
 
     session = create_session(_choose_model(run, model, variant, "latency", provider), provider)
-    results = []
-    for path in images:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-        try:
-            pixels = image_to_pixels(data)
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
-        results.append({"path": str(path), **digit_prediction(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0][0])})
+    results = predict_files(session, images)
     if as_json:
         _print_to_pipe(json.dumps(results))
         return

@@ -188,3 +188,18 @@ class PackageConfig:
         for option, value, low in (("--max-batch-size", self.max_batch_size, 1), ("--queue-delay-us", self.queue_delay_us, 0),
                                    ("--instances", self.instances, 1), ("--threads", self.threads, 0)):
             _at_least(option, value, low)
+
+
+def check_resume_epochs(run_dir: Path, epochs: int) -> None:
+    """--resume continues the saved recipe (its one-cycle schedule is fixed by the epoch count)."""
+    import json
+
+    from .contract import TRAIN_REPORT
+
+    try:
+        saved = json.loads((run_dir / TRAIN_REPORT).read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(saved, int) and saved != epochs:
+        raise UserError(f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
+                        f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs")

@@ -75,4 +75,10 @@ BENCH_MD = ARTIFACTS["bench_md"].name
 BENCH_PNG = ARTIFACTS["bench_png"].name
 DEPLOY_DIR = ARTIFACTS["deploy"].name
 MODEL_FILES = {"fp32": FP32_MODEL, "int8": INT8_MODEL}  # deployable variants
+# Inside deploy/ (written by `package`): a Triton repository, a KServe manifest, ORT-format models.
+TRITON_DIR = "triton"
+TRITON_CONFIG = "config.pbtxt"
 TRITON_MODEL_FILE = "model.onnx"  # what Triton's onnxruntime_onnx platform loads from <model>/<version>/
+LABELS_FILE = "labels.txt"
+KSERVE_FILE = "kserve.yaml"
+ORT_DIR = "ort"

@@ -14,7 +14,9 @@ Writes, from a run folder (torch-free), into one deployment folder (default ``<r
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .contract import INPUT_NAME, INPUT_SHAPE, LABELS, MODEL_FILES, NUM_CLASSES, OUTPUT_NAME, TRITON_MODEL_FILE
+from .contract import (DEPLOY_DIR, INPUT_NAME, INPUT_SHAPE, KSERVE_FILE, LABELS, LABELS_FILE, MODEL_FILES, NUM_CLASSES,
+                       ORT_DIR, OUTPUT_NAME, TRITON_CONFIG, TRITON_DIR, TRITON_MODEL_FILE)
 from .config import PackageConfig
 from .errors import UserError
 from .files import write_bytes
@@ -32,8 +35,7 @@ from .files import write_bytes
 log = logging.getLogger(__name__)
 
 REPOSITORY_MODEL = TRITON_MODEL_FILE
-LABELS_FILE = "labels.txt"
-TRITON_DIR = "triton"
+PACKAGE_ENTRIES = {TRITON_DIR, KSERVE_FILE, ORT_DIR}
 ORT_PARITY_ATOL = 1e-5
 
 
@@ -57,9 +59,7 @@ def triton_config(name: str, config: PackageConfig) -> str:
         f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
     ]
     if config.threads:
-        for key in ("intra_op_thread_count", "inter_op_thread_count"):
-            value = config.threads if key.startswith("intra") else 1
-            lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+        lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{config.threads}" }} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -71,14 +71,14 @@ def kserve_manifest(arch: str, names: list[str], config: PackageConfig) -> str:
 apiVersion: serving.kserve.io/v1beta1
 kind: InferenceService
 metadata:
-  name: resnet-edge-{arch}
+  name: {_dns_label("resnet-edge-" + arch)}
 spec:
   predictor:
     model:
       modelFormat:
         name: onnx
       protocolVersion: v2
-      storageUri: {config.storage_uri}
+      storageUri: {json.dumps(config.storage_uri)}
       resources:
         requests:
           cpu: "1"
@@ -87,6 +87,27 @@ spec:
           cpu: "2"
           memory: 2Gi{gpu}
 """
+
+
+def _dns_label(name: str) -> str:
+    """A Kubernetes object name (DNS-1035 label): lower case letters, digits and '-', at most 63."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].rstrip("-")
+    return label if label and label[0].isalpha() else f"m-{label}"[:63]
+
+
+def _check_out_dir(run_dir: Path, out_dir: Path) -> None:
+    """``out_dir`` is replaced whole: only a folder that holds nothing but an earlier package may be."""
+    from .files import ensure_writable_dir
+
+    out, run = out_dir.resolve(), run_dir.resolve()
+    if out == run or out in run.parents:
+        raise UserError(f"--out {out_dir}: it holds the run itself; give a folder of its own (default: <run>/{DEPLOY_DIR})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: a file is there, not a folder")
+    if out_dir.is_dir() and not {p.name for p in out_dir.iterdir()} <= PACKAGE_ENTRIES:
+        raise UserError(f"--out {out_dir}: the folder holds other files than a package ({', '.join(sorted(PACKAGE_ENTRIES))}); "
+                        "give an empty or new folder")
+    ensure_writable_dir(out_dir.parent)
 
 
 def _ort_parity(onnx_path: Path, ort_path: Path) -> float:
@@ -140,6 +161,7 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
     if not models:
         raise UserError(f"{run_dir}: no model to package (run `resnet-edge export --quantize` first)")
     check_same_checkpoint(run_dir)
+    _check_out_dir(run_dir, out_dir)
     arch = {p.key: p.value for p in check_model_file(next(iter(models.values()))).metadata_props}.get("architecture") \
         or run_dir.name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -152,29 +174,14 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
             model_dir = stage / TRITON_DIR / name
             (model_dir / "1").mkdir(parents=True)
             shutil.copyfile(path, model_dir / "1" / REPOSITORY_MODEL)
-            write_bytes(model_dir / "config.pbtxt", triton_config(name, config).encode())
+            write_bytes(model_dir / TRITON_CONFIG, triton_config(name, config).encode())
             write_bytes(model_dir / LABELS_FILE, ("\n".join(LABELS) + "\n").encode())
-        write_bytes(stage / "kserve.yaml", kserve_manifest(arch, names, config).encode())
+        write_bytes(stage / KSERVE_FILE, kserve_manifest(arch, names, config).encode())
         parity = _convert_to_ort(models, Path(tmp)) if config.ort else {}
         if config.ort:
-            shutil.move(str(Path(tmp) / "ort"), str(stage / "ort"))
-        if out_dir.exists():
+            shutil.move(str(Path(tmp) / "ort"), str(stage / ORT_DIR))
+        if out_dir.exists():  # an earlier package (checked above): replaced whole
             shutil.rmtree(out_dir)
         stage.rename(out_dir)
     return {"repository": str(out_dir / TRITON_DIR), "models": names, "ort_parity_max_abs_diff": parity,
-            "kserve": str(out_dir / "kserve.yaml")}
-
-
-def repository_models(repository: Path) -> dict[str, Path]:
-    """Model name -> the model.onnx of its highest numbered version, for a Triton-style repository."""
-    if not repository.is_dir():
-        raise UserError(f"{repository}: no model repository there")
-    found = {}
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and (p / "config.pbtxt").exists()):
-        versions = sorted((v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()
-                           and (v / REPOSITORY_MODEL).exists()), key=lambda v: int(v.name))
-        if versions:
-            found[model_dir.name] = versions[-1] / REPOSITORY_MODEL
-    if not found:
-        raise UserError(f"{repository}: no <model>/config.pbtxt with a <version>/{REPOSITORY_MODEL} in it")
-    return found
+            "kserve": str(out_dir / KSERVE_FILE)}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .contract import BENCH_JSON, CHECKPOINT, EXPORT_REPORT, MODEL_FILES
+from .contract import BENCH_JSON, CHECKPOINT, EXPORT_REPORT, MODEL_FILES, TRITON_CONFIG, TRITON_MODEL_FILE
 from .errors import UserError
 from .machine import CpuInfo, cpu_info
 
@@ -175,3 +175,42 @@ def recommend(rows: list[dict[str, Any]], eligible: dict[str, str | None], min_m
             continue
         out[workload] = entry
     return out
+
+
+def choose_repository_model(repository: Path, name: str | None, provider: str = "cpu",
+                            cpu: CpuInfo | None = None) -> Choice:
+    """The model of a Triton repository that `serve --repository` serves (``Choice.variant`` is its
+    name): --model-name; else its only model; else by the rule without a bench: INT8 (``<arch>_int8``)
+    on a CPU with int8 dot-product instructions, FP32 elsewhere and on GPU providers."""
+    models = repository_models(repository)
+    if name is not None:
+        if name not in models:
+            raise UserError(f"{repository}: no model {name!r}; it holds {', '.join(models)}")
+        return Choice(models[name], name, "--model-name")
+    if len(models) == 1:
+        only = next(iter(models))
+        return Choice(models[only], only, "the repository's only model")
+    int8 = [m for m in models if m.endswith("_int8")]
+    fp32 = [m for m in models if not m.endswith("_int8")]
+    from .runtime import provider_name
+
+    cpu = cpu or cpu_info()
+    if int8 and provider_name(provider) == "CPUExecutionProvider" and cpu.int8_dot_product:
+        return Choice(models[int8[0]], int8[0], "this CPU has int8 dot-product instructions; --model-name chooses")
+    pick = (fp32 or int8)[0]
+    return Choice(models[pick], pick, "FP32 on this CPU/provider by default; --model-name chooses")
+
+
+def repository_models(repository: Path) -> dict[str, Path]:
+    """Model name -> the model.onnx of its highest numbered version, for a Triton-style repository."""
+    if not repository.is_dir():
+        raise UserError(f"{repository}: no model repository there")
+    found = {}
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and (p / TRITON_CONFIG).exists()):
+        versions = sorted((v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()
+                           and (v / TRITON_MODEL_FILE).exists()), key=lambda v: int(v.name))
+        if versions:
+            found[model_dir.name] = versions[-1] / TRITON_MODEL_FILE
+    if not found:
+        raise UserError(f"{repository}: no <model>/{TRITON_CONFIG} with a <version>/{TRITON_MODEL_FILE} in it")
+    return found

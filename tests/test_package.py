@@ -140,3 +140,32 @@ def test_package_and_repository_errors(tmp_path, deploy):
     assert "--kind must be cpu or gpu" in line(["package", "--run", run, "--kind", "tpu"])
     assert "no model 'resnet9'" in line(["serve", "--repository", out / "triton", "--model-name", "resnet9"])
     assert "no model repository there" in line(["serve", "--repository", tmp_path / "none"])
+    assert "without --run, --model or --variant" in line(["serve", "--repository", out / "triton", "--variant", "int8"])
+
+
+def test_package_never_replaces_a_folder_it_did_not_write(deploy, tmp_path):
+    run, out = deploy
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    for target, message in ((run, "it holds the run itself"), (run.parent, "it holds the run itself"),
+                            (keep, "holds other files than a package")):
+        result = runner.invoke(app, ["package", "--run", str(run), "--out", str(target)])
+        assert result.exit_code == 1 and message in result.stderr, result.output
+    assert (keep / "notes.txt").read_text() == "mine" and (run / "checkpoint.pt").exists()
+    again = runner.invoke(app, ["package", "--run", str(run), "--no-ort"])  # an earlier package: replaced whole
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == ["kserve.yaml", "triton"]
+
+
+def test_repository_model_choice_follows_cpu_and_provider(deploy):
+    from test_int8_portability import AVX2_ONLY, VNNI
+
+    from resnet_edge.variants import choose_repository_model
+
+    _, out = deploy
+    repo = out / "triton"
+    assert choose_repository_model(repo, None, "cpu", VNNI).variant == "resnet8_int8"
+    assert choose_repository_model(repo, None, "cpu", AVX2_ONLY).variant == "resnet8"
+    assert choose_repository_model(repo, None, "cuda", VNNI).variant == "resnet8"
+    assert choose_repository_model(repo, "resnet8_int8", "cpu", AVX2_ONLY).reason == "--model-name"

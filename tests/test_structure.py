@@ -21,12 +21,13 @@ STAGES = {
     "bench": {"bench", "bench_worker", "bench_report"},
     "serve": {"serve"},
     "package": {"package"},
+    "predict": {"predict"},
 }
 LIBRARY = {"contract", "config", "errors", "files", "machine", "int8", "data", "models", "checkpoint", "runtime",
            "quantize", "preprocess", "variants"}
 # What an edge box runs: eval of .onnx, bench --no-torch, serve, predict.
 INFERENCE = ["contract", "config", "errors", "files", "machine", "int8", "data", "runtime", "quantize", "preprocess",
-             "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve", "package"]
+             "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve", "package", "predict"]
 
 
 def _internal_imports(module: str) -> set[str]:

@@ -1,0 +1,32 @@
+"""`predict`: image files -> digits, with the same MNIST-style preprocessing as the server's /v1/predict.
+
+Torch-free. Every file is read and decoded before any answer is given, so a bad file in the list is
+one clear error naming it, not a half-printed result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .contract import INPUT_NAME, OUTPUT_NAME, digit_prediction
+from .errors import UserError
+from .preprocess import image_to_pixels
+
+
+def read_pixels(path: Path) -> Any:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return image_to_pixels(data)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def predict_files(session: Any, paths: list[Path]) -> list[dict[str, Any]]:
+    """[{"path", "digit", "probabilities"}] for each image file, in order."""
+    inputs = [(path, read_pixels(path)) for path in paths]
+    return [{"path": str(path), **digit_prediction(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0][0])}
+            for path, pixels in inputs]
