@@ -179,3 +179,88 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(mnist):
 def test_export_json_is_valid_after_all_this(trained_run):
     run, _, _ = trained_run
     assert json.loads((run / "export.json").read_text())["int8"]["saturation_free"] is True
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+def _mutants(data: bytes, rng: np.random.Generator, n: int):
+    """Seeded truncations and bit flips of ``data``."""
+    for _ in range(n):
+        if rng.random() < 0.5:
+            yield data[:int(rng.integers(0, len(data)))]
+        else:
+            flipped = bytearray(data)
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+                flipped[pos] ^= 1 << int(rng.integers(0, 8))
+            yield bytes(flipped)
+
+
+def _fails_cleanly(args, folder):
+    """The command reads a bad file: exit 1, one line on stderr, no traceback, no file in ``folder`` changed."""
+    from helpers import runner
+    from resnet_edge.cli import app
+
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, (args, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    return 1
+
+
+def test_fuzz_every_input_kind(trained_run, tmp_path, mnist):
+    """Seeded truncations and bit flips of each kind of file a command reads; counts in the assertion."""
+    run, _, _ = trained_run
+    rng = np.random.default_rng(14)
+    tried = 0
+    # .onnx files -> eval
+    for i, bad in enumerate(_mutants((run / "model.int8.onnx").read_bytes()[:60_000], rng, 6)):
+        path = tmp_path / f"m{i}.onnx"
+        path.write_bytes(bad)
+        tried += _fails_cleanly(["eval", path], tmp_path)
+    # checkpoints -> export (truncations: zip and pickle framing must catch every one)
+    ckpt = (run / "checkpoint.pt").read_bytes()
+    for i in range(6):
+        folder = tmp_path / f"ckpt{i}"
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(ckpt[:int(rng.integers(0, len(ckpt) - 1))])
+        tried += _fails_cleanly(["export", "--run", folder], folder)
+    # IDX files (gzip and raw) under a SHA256SUMS -> train
+    for compress in (True, False):
+        folder = write_dataset(tmp_path / f"idx{compress}", compress=compress)
+        names = sorted(p.name for p in folder.iterdir())
+        _sha256sum_style(folder, names)
+        target = folder / names[int(rng.integers(0, len(names)))]
+        original = target.read_bytes()
+        for bad in _mutants(original, rng, 4):
+            if bad == original:
+                continue
+            target.write_bytes(bad)
+            tried += _fails_cleanly(["train", "--data-dir", folder, "--run", tmp_path / "never", "--epochs", "1"], folder)
+        target.write_bytes(original)
+    # SHA256SUMS files of random bytes -> train
+    folder = write_dataset(tmp_path / "sums")
+    for _ in range(3):
+        (folder / "SHA256SUMS").write_bytes(rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8).tobytes())
+        from helpers import runner
+        from resnet_edge.cli import app
+
+        result = runner.invoke(app, ["train", "--data-dir", str(folder), "--run", str(tmp_path / "never"), "--epochs", "0"])
+        assert result.exit_code == 1 and "Traceback" not in result.output  # --epochs 0: stops after the data check
+        tried += 1
+    # images -> predict
+    png = io.BytesIO()
+    Image.fromarray(mnist.test_images[0]).save(png, format="PNG")
+    for i, bad in enumerate(_mutants(png.getvalue(), rng, 6)):
+        path = tmp_path / f"img{i}.png"
+        path.write_bytes(bad)
+        from helpers import runner
+        from resnet_edge.cli import app
+
+        result = runner.invoke(app, ["predict", str(path), "--model", str(run / "model.onnx")])
+        assert result.exit_code in (0, 1) and "Traceback" not in result.output, result.output
+        if result.exit_code == 1:
+            assert len(result.stderr.strip().splitlines()) == 1
+        tried += 1
+    assert not [p for p in (tmp_path / "never").rglob("*") if p.is_file()]  # train wrote nothing
+    assert tried >= 25, tried  # 29 with this seed
