@@ -167,7 +167,7 @@ def train_cli(
 ) -> None:
     """Train a ResNet on MNIST (GPU when there is one) and write checkpoint.pt and train.json."""
     _need_torch("train")
-    from .files import ensure_writable_dir, run_dir_for
+    from .files import ensure_writable_dir, remove_stale_temporaries, run_dir_for
     from .train import train
 
     config = TrainConfig(arch=arch, epochs=TrainConfig.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
@@ -179,6 +179,7 @@ def train_cli(
     if resume and epochs is not None:
         check_resume_epochs(run_dir, epochs)
     ensure_writable_dir(run_dir)
+    remove_stale_temporaries(run_dir)
     reporter = RichTrainReporter(quiet)
     try:
         report = train(config, run_dir, resume=resume, reporter=reporter)

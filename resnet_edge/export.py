@@ -174,13 +174,14 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
     import shutil
     import tempfile
 
-    from .files import ensure_writable_dir
+    from .files import ensure_writable_dir, remove_stale_temporaries
     from .checkpoint import load_checkpoint
     from .contract import CHECKPOINT
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(run_dir / CHECKPOINT)  # a missing or bad checkpoint: one clear error, nothing made
     ensure_writable_dir(run_dir)
+    remove_stale_temporaries(run_dir)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
         stage = Path(tmp)
         report = _export_to(stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress)

@@ -80,6 +80,22 @@ def latest_run(base: Path = EXPORTED) -> Path | None:
     return max(runs, key=lambda p: (p / TRAIN_REPORT).stat().st_mtime, default=None)
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Temporaries that a killed process (SIGKILL, power loss) left in a run folder: our atomic writes'
+    ``.<name>.*.tmp`` files and the ``.export-*`` / ``.quantize-*`` staging folders. A run folder has one
+    writer at a time, so whatever of these is there when a stage starts is dead. Returns their names."""
+    import shutil
+
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for p in run_dir.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith((".export-", ".quantize-"))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def ensure_writable_dir(path: Path) -> None:
     """Create ``path`` if needed and check that files can be created in it."""
     try:

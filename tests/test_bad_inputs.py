@@ -10,6 +10,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -264,3 +265,70 @@ def test_fuzz_every_input_kind(trained_run, tmp_path, mnist):
         tried += 1
     assert not [p for p in (tmp_path / "never").rglob("*") if p.is_file()]  # train wrote nothing
     assert tried >= 25, tried  # 29 with this seed
+
+
+# ------------------------------------------------------------------------------------------ faults
+def _run_files_are_consistent(folder):
+    """Whole files from one checkpoint: every model and export.json name the same source, each loads."""
+    import onnx
+
+    from resnet_edge.variants import check_same_checkpoint
+
+    check_same_checkpoint(folder)  # raises on a mixed run
+    for model in folder.glob("*.onnx"):
+        onnx.checker.check_model(str(model))
+    for report in folder.glob("*.json"):
+        json.loads(report.read_text())
+    if (folder / "checkpoint.pt").exists():
+        torch.load(folder / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_export_killed_at_random_points_leaves_one_checkpoints_files(trained_run, tmp_path, signal_name):
+    import signal as signals
+
+    run, _, _ = trained_run
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("bench.*", "deploy"))
+    rng = np.random.default_rng(7 if signal_name == "SIGKILL" else 8)
+    faults = 0
+    for delay in rng.uniform(0.5, 6.0, size=3):
+        proc = subprocess.Popen([sys.executable, "-m", "resnet_edge", "export", "--run", str(folder), "--quantize",
+                                 "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(getattr(signals, signal_name))
+            faults += 1
+        stderr = proc.communicate(timeout=60)[1]
+        assert "Traceback" not in stderr, stderr
+        _run_files_are_consistent(folder)
+    # The next export cleans up what a killed one left and completes.
+    done = subprocess.run([sys.executable, "-m", "resnet_edge", "export", "--run", str(folder), "--quantize", "--quiet"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _run_files_are_consistent(folder)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "temporaries left behind"
+    assert faults >= 1
+
+
+def test_train_killed_mid_epoch_resumes(tmp_path, mnist):
+    """SIGKILL during the second epoch: checkpoint.pt and train.json hold epoch 1 whole; --resume finishes."""
+    folder = write_dataset(tmp_path / "d", n_train=512, n_test=64)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "resnet_edge", "train", "--data-dir", str(folder), "--run", str(run), "--epochs", "3",
+            "--batch-size", "16", "--device", "cpu", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "train.json").exists():  # epoch 1 saved: now kill it inside epoch 2 or its save
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    _run_files_are_consistent(run)
+    saved = json.loads((run / "train.json").read_text())
+    assert saved["epochs_done"] >= 1
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "train.json").read_text())["epochs_done"] == 3
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
