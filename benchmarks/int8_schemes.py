@@ -13,17 +13,16 @@ FP32 (p50 of --runs calls after a warm-up, the variants interleaved round by rou
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from resnet_edge.bench import float_convolutions
 from resnet_edge.contract import to_pixels
 from resnet_edge.data import load_split
 from resnet_edge.int8 import SCHEMES
@@ -41,15 +40,6 @@ def p50_ms(session: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
         session.run(None, {"pixels": x})
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
-
-
-def fused_ops(path: Path, work: Path) -> dict:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(work / f"{path.stem}.optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    return {"QLinearConv": ops.get("QLinearConv", 0), "Conv": ops.get("Conv", 0)}
 
 
 def main() -> None:
@@ -76,7 +66,9 @@ def main() -> None:
         sessions = {name: create_session(p, "cpu") for name, p in paths.items()}
         for name, path in paths.items():
             r = evaluate_session(sessions[name], test_pixels, labels)
-            results[name] = {"test_accuracy": r.accuracy, **fused_ops(path, work), "p50_ms": {}}
+            convs = float_convolutions(path)  # the count bench reports, after ONNX Runtime's CPU fusions
+            results[name] = {"test_accuracy": r.accuracy, "QLinearConv": convs["int8"], "Conv": convs["float"],
+                             "p50_ms": {}}
         for bs in sorted({1, args.batch_size}):
             x = np.ascontiguousarray(test_pixels[:bs])
             rounds = {name: [] for name in paths}

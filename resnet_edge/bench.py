@@ -57,9 +57,8 @@ def _run_cell(variant: str, model: Path, config: BenchConfig, batch_size: int) -
 
 def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
     """Measure every available variant of the run at every batch size; returns the bench.json content."""
-    from .runtime import check_provider_available, create_session
-
     from .files import file_sha256
+    from .runtime import check_provider_available, create_session
     from .variants import check_same_checkpoint
 
     check_provider_available(config.provider)
@@ -101,18 +100,13 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
     if "onnx-int8" in variants:
         from .int8 import cpu_problem
         from .machine import cpu_info
+        from .runtime import check_model_file
 
         per_variant["onnx-int8"]["float_convolutions"] = float_convolutions(run_dir / FILES["onnx-int8"])
-        per_variant["onnx-int8"]["cpu_problem"] = cpu_problem(_proto(run_dir / FILES["onnx-int8"]), cpu_info())
+        per_variant["onnx-int8"]["cpu_problem"] = cpu_problem(check_model_file(run_dir / FILES["onnx-int8"]), cpu_info())
     report["recommendation"] = recommend(rows, _eligibility(export, per_variant))
     report["diagnoses"] = diagnose(report)
     return report
-
-
-def _proto(path: Path) -> Any:
-    from .runtime import check_model_file
-
-    return check_model_file(path)
 
 
 def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> dict[str, str | None]:

@@ -157,10 +157,14 @@ def _read_checksums(data_dir: Path) -> dict[str, str]:
     except UnicodeDecodeError:
         raise DataError(f"{sums}: not a text file (expected lines `<sha256>  <file name>`)") from None
     table = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
-        if len(parts) == 2 and len(parts[0]) == 64:
-            table[parts[1].lstrip("*")] = parts[0].lower()
+        if not parts:
+            continue
+        # A line we cannot read would verify nothing, silently: it is an error, never skipped.
+        if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+            raise DataError(f"{sums}: line {number} is not `<sha256>  <file name>` (as `sha256sum` writes it)")
+        table[parts[1].lstrip("*")] = parts[0].lower()
     return table
 
 

@@ -23,10 +23,8 @@ import onnx
 import torch
 from torch import nn
 
-from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, INPUT_NAME,
-                       INPUT_SHAPE, LABELS, NUM_CLASSES, OUTPUT_NAME)
-from .contract import FP32_MODEL as FP32_NAME
-from .contract import INT8_MODEL as INT8_NAME
+from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, FP32_MODEL, INPUT_NAME,
+                       INPUT_SHAPE, INT8_MODEL, LABELS, NUM_CLASSES, OUTPUT_NAME)
 from .errors import UserError
 from .files import atomic_path, write_json
 from .runtime import create_session
@@ -188,7 +186,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
         # Every file of the previous export goes before any new one comes in (the report first: it vouches
         # for the models; bench results measured other files). Stopped anywhere in between, the run holds
         # a subset of one export, never files of two.
-        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_NAME, FP32_NAME) if (run_dir / n).exists()]
+        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_MODEL, FP32_MODEL) if (run_dir / n).exists()]
         report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
         if (run_dir / DEPLOY_DIR).is_dir():  # `package` copies of the old models
             report["removed_stale"].append(DEPLOY_DIR)
@@ -198,7 +196,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
             (run_dir / name).unlink()
         if DEPLOY_DIR in report["removed_stale"]:
             shutil.rmtree(run_dir / DEPLOY_DIR)
-        for name in (FP32_NAME, INT8_NAME, EXPORT_REPORT):
+        for name in (FP32_MODEL, INT8_MODEL, EXPORT_REPORT):
             if (stage / name).exists():
                 os.replace(stage / name, run_dir / name)
         shutil.rmtree(stage, ignore_errors=True)
@@ -238,14 +236,14 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
     checkpoint_accuracy = history[-1]["test_accuracy"] if history else None
     mean, std = float(model.normalize.mean.item()), float(model.normalize.std.item())
     meta = metadata(config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions(include_torch=True))
-    fp32_path = stage / FP32_NAME
+    fp32_path = stage / FP32_MODEL
     parity = export_onnx(model, fp32_path, test_pixels[:max(PARITY_BATCH_SIZES)], meta, opset)
     log.info("wrote %s (%d bytes) in %.1f s", fp32_path, fp32_path.stat().st_size, time.perf_counter() - t0)
     report: dict[str, Any] = {
         "arch": config["arch"],
         "checkpoint": {"path": str(ckpt_path), "sha256": meta["source_checkpoint_sha256"],
                        "test_accuracy": checkpoint_accuracy},
-        "fp32": {"path": str(run_dir / FP32_NAME), "bytes": fp32_path.stat().st_size},
+        "fp32": {"path": str(run_dir / FP32_MODEL), "bytes": fp32_path.stat().st_size},
         "parity": [{"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal}
                    for r in parity],
         "parity_tolerance": PARITY_ATOL,
@@ -257,12 +255,12 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
     if quantize:
         qconfig = qconfig or QuantizationConfig()
         _check_scheme_measurable(qconfig.scheme)
-        int8_path = stage / INT8_NAME
+        int8_path = stage / INT8_MODEL
         q = quantize_model(fp32_path, int8_path, dataset.train_images, test_pixels, test_labels,
                            qconfig, progress=progress, metadata=meta)
         report["fp32"].update(test_accuracy=q.fp32_accuracy, images_per_second=q.fp32_images_per_second)
         report["int8"] = {
-            "path": str(run_dir / INT8_NAME), "bytes": int8_path.stat().st_size,
+            "path": str(run_dir / INT8_MODEL), "bytes": int8_path.stat().st_size,
             "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
             **{k: v for k, v in asdict(q).items() if not k.startswith("fp32_") and k != "calibration_images"},
             "accuracy_holds": ("on every CPU: no int8 kernel can saturate on its weights" if q.saturation_free else

@@ -13,7 +13,6 @@ Torch-free: runtime code (eval, serve, predict, bench) reads the scheme from the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +56,6 @@ SCHEMES = {
                    "int8 activations, int8 weights limited to [-64, 64]; ONNX Runtime on x86 fuses fewer "
                    "of its convolutions than with uint8 activations (usually slower)"),
 }
-DEFAULT_SCHEME = "portable"
 
 
 def scheme(name: str) -> Scheme:
@@ -120,14 +118,6 @@ def audit_weights(proto: Any) -> WeightAudit | None:
     if not checked:
         return WeightAudit(max_abs_weight=127, weights_checked=0, saturation_free=False)
     return WeightAudit(max_abs, checked, 2 * UINT8_MAX * max_abs <= INT16_MAX)
-
-
-def model_scheme(proto: Any) -> dict[str, Any] | None:
-    props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        return json.loads(props["int8_scheme"]) if "int8_scheme" in props else None
-    except ValueError:
-        return None
 
 
 def cpu_problem(proto: Any, cpu: CpuInfo) -> str | None:

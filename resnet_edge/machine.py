@@ -21,6 +21,10 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 X86_INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+def _is_arm(arch: str) -> bool:
+    return arch.lower() in ("aarch64", "arm64") or arch.lower().startswith("arm")
+
+
 @dataclass(frozen=True)
 class CpuInfo:
     model: str
@@ -42,7 +46,7 @@ class CpuInfo:
 
     @property
     def is_arm(self) -> bool:
-        return self.arch.lower() in ("aarch64", "arm64") or self.arch.lower().startswith("arm")
+        return _is_arm(self.arch)
 
     @property
     def isa_summary(self) -> str:
@@ -74,7 +78,7 @@ def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
     except OSError:
         pass
     model = model or platform.processor() or arch
-    if arch.lower() in ("aarch64", "arm64") or arch.lower().startswith("arm"):
+    if _is_arm(arch):
         isa = {"asimddp": "asimddp" in flags} if flags else {}
     else:
         isa = {f: f in flags for f in ISA_FLAGS}

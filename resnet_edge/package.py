@@ -110,12 +110,9 @@ def _check_out_dir(run_dir: Path, out_dir: Path) -> None:
     ensure_writable_dir(out_dir.parent)
 
 
-def _ort_parity(onnx_path: Path, ort_path: Path) -> float:
-    from .data import load_test_split
+def _ort_parity(onnx_path: Path, ort_path: Path, x: np.ndarray) -> float:
     from .runtime import create_session
 
-    images, _ = load_test_split()
-    x = np.ascontiguousarray(images[:64])
     expected = create_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     import onnxruntime as ort  # an .ort file is not an ONNX protobuf: ONNX Runtime reads it directly
 
@@ -140,12 +137,15 @@ def _convert_to_ort(models: dict[str, Path], work: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"ORT-format conversion failed: {tail[:200]}")
+    from .data import load_test_split
+
+    x = np.ascontiguousarray(load_test_split()[0][:64])
     parity = {}
     for variant in models:
         ort_path = out / f"model.{variant}.ort"
         if not ort_path.exists():
             raise UserError(f"ORT-format conversion wrote no {ort_path.name}")
-        parity[variant] = _ort_parity(src / f"model.{variant}.onnx", ort_path)
+        parity[variant] = _ort_parity(src / f"model.{variant}.onnx", ort_path, x)
     for leftover in out.glob("*.onnx"):
         leftover.unlink()
     return parity

@@ -17,24 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import VARIANTS
 from .contract import BENCH_JSON, CHECKPOINT, EXPORT_REPORT, MODEL_FILES, TRITON_CONFIG, TRITON_MODEL_FILE
 from .errors import UserError
 from .machine import CpuInfo, cpu_info
 
 
-def runs_int8_on_cpu(provider: str) -> bool:
-    """Whether QDQ integer math runs on the host CPU with this provider: on the CPU provider and on GPU
-    providers without int8 kernels (CUDA falls back to the CPU for them); TensorRT builds its own."""
-    from .runtime import provider_name
-
-    return provider_name(provider) != "TensorrtExecutionProvider"
-
 log = logging.getLogger(__name__)
 
-FILES = MODEL_FILES
+FILES = MODEL_FILES  # variant -> file name in the run folder
 BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8"}
-VARIANT_CHOICES = ("auto", "fp32", "int8")
-WORKLOADS = ("latency", "throughput")
 
 
 @dataclass(frozen=True)
@@ -43,8 +35,13 @@ class Choice:
     variant: str  # fp32 | int8 | file (a --model path)
     reason: str
 
-    def describe(self) -> str:
-        return f"using {self.path} ({self.reason})"
+
+def runs_int8_on_cpu(provider: str) -> bool:
+    """Whether QDQ integer math runs on the host CPU with this provider: on the CPU provider and on GPU
+    providers without int8 kernels (CUDA falls back to the CPU for them); TensorRT builds its own."""
+    from .runtime import provider_name
+
+    return provider_name(provider) != "TensorrtExecutionProvider"
 
 
 def _props(path: Path) -> dict[str, str]:
@@ -105,8 +102,8 @@ def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuIn
 
 def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughput", provider: str = "cpu",
                  cpu: CpuInfo | None = None) -> Choice:
-    if variant not in VARIANT_CHOICES:
-        raise UserError(f"--variant must be one of {', '.join(VARIANT_CHOICES)}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     available = {v: run_dir / n for v, n in FILES.items() if (run_dir / n).exists()}
     if not available:
         raise UserError(f"{run_dir}: no {' or '.join(FILES.values())} (run `resnet-edge export --quantize` first)")
