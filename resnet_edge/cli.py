@@ -469,14 +469,23 @@ def serve_cli(
     max_batch_size: int = typer.Option(ServerConfig.max_batch_size, help="Most rows per ONNX Runtime call (1 turns batching off)."),
     max_delay_ms: float = typer.Option(ServerConfig.max_delay_ms, help="How long a request waits for others to batch with."),
     max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="Larger request bodies get 413."),
-    max_queue: int = typer.Option(ServerConfig.max_queue, help="Queued requests beyond this get 503."),
+    max_queue: int = typer.Option(ServerConfig.max_queue, help="Images (rows) accepted and not answered yet; beyond this: 503."),
+    max_pending_bytes: int = typer.Option(ServerConfig.max_pending_bytes, help="Request bytes in flight together; beyond this: 503."),
+    max_connections: int = typer.Option(ServerConfig.max_connections, help="Connections and requests at once; beyond this: 503."),
+    client_timeout: float = typer.Option(ServerConfig.client_timeout, help="Seconds a client has to send its headers, and its body."),
+    grpc_port: int = typer.Option(ServerConfig.grpc_port, help="Port of the gRPC GRPCInferenceService (KServe v2); 0: no gRPC."),
 ) -> None:
-    """Serve the model over HTTP: Open Inference Protocol (KServe v2) and /v1/predict for image files."""
+    """Serve the model: Open Inference Protocol (KServe v2) over HTTP (JSON and binary tensors) and gRPC, and /v1/predict for image files."""
     from .serve import serve
 
     config = ServerConfig(model_name=model_name, provider=provider, threads=threads, max_batch_size=max_batch_size,
                           max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                          host=host, port=port)  # options checked before any model is read
+                          max_pending_bytes=max_pending_bytes, max_connections=max_connections,
+                          client_timeout=client_timeout, host=host, port=port, grpc_port=grpc_port)  # checked before any model is read
+    if provider.lower() != "cpu":
+        from .runtime import check_provider_available
+
+        check_provider_available(provider)  # a missing execution provider is one line, before any model is chosen
     if repository is not None:
         if run is not None or model is not None or variant != "auto":
             raise UserError("--repository chooses its model with --model-name; give it without --run, --model or --variant")
@@ -490,7 +499,8 @@ def serve_cli(
         config.model_path = _choose_model(run, model, variant, "throughput", provider)
 
     def announce(c: ServerConfig) -> None:
-        err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name} "
+        grpc = f" and gRPC on {c.host}:{c.grpc_port}" if c.grpc_port else ""
+        err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name}{grpc} "
                           f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms} ms)", highlight=False, soft_wrap=True)
 
     serve(config, announce=announce)

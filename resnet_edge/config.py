@@ -154,10 +154,13 @@ class ServerConfig:
     model_name: str | None = None  # the name in the URLs; None: the architecture in the model's metadata
     provider: str = "cpu"
     threads: int | None = None
-    max_batch_size: int = 64  # rows per ONNX Runtime call
+    max_batch_size: int = 64  # rows per ONNX Runtime call; a larger request is split into batches
     max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
-    max_queue: int = 2048  # requests waiting; beyond this: 503
-    max_body_bytes: int = 8 * 2**20
+    max_queue: int = 4096  # images (rows) accepted and not answered yet; beyond this: 503
+    max_body_bytes: int = 8 * 2**20  # one request body; larger: 413
+    max_pending_bytes: int = 256 * 2**20  # request bodies in flight together; beyond this: 503
+    max_connections: int = 1000  # connections and requests at once (uvicorn's limit_concurrency); beyond: 503
+    client_timeout: float = 10.0  # seconds for a client to send its headers, and again its body
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -168,8 +171,11 @@ class ServerConfig:
         _at_least("--max-body-bytes", self.max_body_bytes, 1024)
         _at_least("--max-queue", self.max_queue, 1)
         _at_least("--threads", self.threads, 1)
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"--port must be 0-65535, got {self.port}")
+        for option, port in (("--port", self.port), ("--grpc-port", self.grpc_port)):
+            if not 0 <= port <= 65535:
+                raise UserError(f"{option} must be 0-65535, got {port}")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise UserError(f"--grpc-port must differ from --port ({self.port})")
 
 
 @dataclass
@@ -203,3 +209,10 @@ def check_resume_epochs(run_dir: Path, epochs: int) -> None:
     if isinstance(saved, int) and saved != epochs:
         raise UserError(f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
                         f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs")
+    grpc_port: int = 0  # GRPCInferenceService; 0: no gRPC
+        if self.max_queue < self.max_batch_size:
+            raise UserError(f"--max-queue ({self.max_queue} images) must be at least --max-batch-size ({self.max_batch_size})")
+        _at_least("--max-pending-bytes", self.max_pending_bytes, self.max_body_bytes)
+        _at_least("--max-connections", self.max_connections, 1)
+        _finite("--client-timeout", self.client_timeout)
+        _at_least("--client-timeout", self.client_timeout, 0.1)

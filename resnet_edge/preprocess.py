@@ -16,33 +16,81 @@ from .contract import IMAGE_SIZE
 from .errors import UserError
 
 MNIST_BOX = 20  # MNIST fits each digit into a 20x20 box of the 28x28 image
-MAX_PIXELS = 40_000_000  # refuse decompression bombs long before they fill memory
+# What a photo or scan of a digit comes as; Pillow's other formats (EPS runs Ghostscript, ...) are refused.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+MAX_SIDE = 4096  # refused above 4096 x 4096 pixels, from the header, before any decoding
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+MAX_DECODED_BYTES = 32 * 2**20  # and above 32 MiB decoded (JPEG: after its cheap 1/2-1/8 scaling): RGBA 2896x2896
+WORK_SIDE = 512  # decoded images are reduced to at most this side before any float conversion
 
 
 class ImageError(UserError):
     """The bytes are not a decodable image, or hold no digit."""
 
 
+def _opened(data: bytes):
+    """The image, header read and checked (format, pixel count), not decoded yet."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # a second guard: Pillow refuses twice this itself
+    img = Image.open(io.BytesIO(data), formats=FORMATS)
+    width, height = img.size
+    if width * height > MAX_PIXELS or width < 1 or height < 1:
+        raise ImageError(f"image of {width}x{height} pixels is over the limit of {MAX_SIDE}x{MAX_SIDE} "
+                         f"({MAX_PIXELS:,} pixels)")
+    img.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale when that is enough
+    depth = 2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1
+    decoded = img.size[0] * img.size[1] * len(img.getbands()) * depth
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageError(f"image of {width}x{height} {img.mode} pixels would take {decoded / 2**20:.0f} MiB decoded, "
+                         f"over the limit of {MAX_DECODED_BYTES // 2**20} MiB; send a smaller image")
+    return img
+
+
+def _reduced(img):
+    """Decode, reduce to at most WORK_SIDE in the image's own mode, then composite transparency over
+    white and convert to 8- or 32-bit gray: nothing is copied or converted at full size."""
+    from PIL import Image
+
+    img.load()
+    wide = img.mode in ("I;16", "I;16B", "I;16L", "I")
+    if wide:
+        img = img.convert("I")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "L")
+    elif img.mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("L")  # 1-bit, CMYK, YCbCr, F, ...
+    factor = -(-max(img.size) // WORK_SIDE)
+    if factor > 1:
+        img = img.reduce(factor)  # box average in C
+    if img.mode in ("LA", "RGBA"):
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return (img if wide else img.convert("L")), wide
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Image bytes -> float32 grayscale [H, W] in [0, 1]; transparency is composited over white."""
+    """Image bytes -> float32 grayscale [H, W] in [0, 1], H and W at most WORK_SIDE; transparency is
+    composited over white. Only FORMATS, at most MAX_PIXELS (checked from the header)."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "P"):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- or 32-bit gray: scale, never clip to 8 bits
-                wide = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if img.mode.startswith("I;16") or wide.max() <= 65535 else float(wide.max())
-                return (np.clip(wide, 0, None) / top).astype(np.float32)
-            gray = img.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot decode the image ({str(exc).splitlines()[0][:120] or type(exc).__name__})") from None
-    return np.asarray(gray, dtype=np.float32) / 255.0
+        with _opened(data) as img:
+            reduced, wide = _reduced(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"image is over the limit of {MAX_SIDE}x{MAX_SIDE} ({MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode the image (not one of {', '.join(FORMATS)})") from None
+    except Exception as exc:  # a decoder's error on untrusted bytes (bad chunks, truncation, bombs): the file is bad
+        detail = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
+        raise ImageError(f"cannot decode the image ({detail})") from None
+    if wide:  # 16- or 32-bit gray: scale, never clip to 8 bits
+        values = np.asarray(reduced, dtype=np.float64)
+        top = 65535.0 if values.max() <= 65535 else float(values.max())
+        return (np.clip(values, 0, None) / top).astype(np.float32)
+    return np.asarray(reduced, dtype=np.float32) / 255.0
 
 
 def mnist_style(gray: np.ndarray) -> np.ndarray:

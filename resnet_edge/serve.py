@@ -1,11 +1,15 @@
-"""`serve`: an ONNX Runtime inference server speaking the Open Inference Protocol (KServe v2 REST).
+"""`serve`: an ONNX Runtime inference server speaking the Open Inference Protocol (KServe v2).
 
-Endpoints: /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready,
-/v2/models/{name}/infer, and /v1/predict for one image file. Every request is validated before it
-reaches the model (input count and name, datatype, shape, byte count, values), the way Triton does.
-Concurrent requests are batched dynamically: the batcher takes what is queued, up to --max-batch-size
-rows or --max-delay-ms after the first, runs ONNX Runtime off the event loop, and hands each caller
-its own rows. No torch here.
+HTTP: /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1], .../ready, .../stats,
+.../infer (JSON and the binary tensor data extension), and /v1/predict for one image file. gRPC
+(GRPCInferenceService, serve_grpc.py) on --grpc-port. Every request is checked before it reaches the
+model (serve_v2.py); parsing, conversion and image decoding run in a small thread pool, never on the
+event loop (bodies up to INLINE_BYTES excepted: a few tens of microseconds). Concurrent requests are
+batched dynamically: the batcher takes queued rows up to --max-batch-size or --max-delay-ms after the
+first, runs ONNX Runtime off the event loop, and hands each caller its own rows. Memory is bounded by
+queued rows (--max-queue) and request bytes in flight (--max-pending-bytes). A model that breaks the
+one-row-per-row contract, or a batcher that dies, makes the server not ready and the process exit
+with status 1 so that a supervisor restarts it. No torch here.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,24 +32,25 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServerConfig
-from .contract import IMAGE_PIXELS, IMAGE_SIZE, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction, softmax, to_pixels
+from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction
+from .errors import UserError
 from .runtime import create_session
+from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, encode_http_response,
+                       parse_http_request)
+
+__all__ = ["Busy", "DynamicBatcher", "RequestError", "ServerConfig", "create_app", "serve", "OUTPUTS", "PROBABILITIES"]
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS_PER_REQUEST = 1024
-PROBABILITIES = "probabilities"
-OUTPUTS = {OUTPUT_NAME: f"raw scores, FP32 [N, {NUM_CLASSES}]", PROBABILITIES: f"softmax of the logits, FP32 [N, {NUM_CLASSES}]"}
-_SHAPES = ([*INPUT_SHAPE], [IMAGE_SIZE, IMAGE_SIZE], [IMAGE_PIXELS])  # after N
-ACCEPTED_SHAPES = ", ".join("[N, " + ", ".join(map(str, s)) + "]" for s in _SHAPES)
+INLINE_BYTES = 16 * 1024  # request bodies this small are parsed on the event loop (tens of microseconds)
+WORKERS = 2  # threads for request work (parse, convert, decode): also bounds decoding memory
+PROCESS_BYTES = 2**20  # JSON bodies larger than this are parsed in a separate process: json holds the GIL
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers
+EXIT_DELAY_S = 1.0  # after a fatal model failure: ready answers 503 this long, then the process exits
 
 
-class RequestError(Exception):
-    """A bad request: status and message go back to the client as {"error": message}."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class ModelFailure(Exception):
+    """The model broke its contract during serving: fatal, the server stops being ready and exits."""
 
 
 # ------------------------------------------------------------------------------------------ batcher
@@ -56,156 +61,173 @@ class _Job:
 
 
 class DynamicBatcher:
-    """Joins concurrent requests into one ONNX Runtime call; each caller gets exactly its own rows."""
+    """Joins concurrent requests into one ONNX Runtime call; each caller gets exactly its own rows.
 
-    def __init__(self, session: Any, max_batch_size: int, max_delay_ms: float, max_queue: int) -> None:
+    ``max_queue`` bounds the rows accepted and not answered yet; a request above ``max_batch_size``
+    rows is split into batches of at most that. ``io_binding`` feeds the session through ONNX
+    Runtime's IOBinding (one host-to-device copy per batch on a GPU provider)."""
+
+    def __init__(self, session: Any, max_batch_size: int, max_delay_ms: float, max_queue: int,
+                 io_binding: bool = False, on_death: Callable[[str], None] | None = None) -> None:
         self.session = session
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1e3
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.io_binding = io_binding
+        self.on_death = on_death
         self.task: asyncio.Task | None = None
+        self.dead: str | None = None  # why the batcher stopped for good
         self.batches = 0  # ONNX Runtime calls made
         self.rows = 0  # images answered
         self.requests = 0  # requests answered
         self.pending = 0  # requests accepted and not answered yet (queued or in the running batch)
+        self.pending_rows = 0
+        self.inflight: list[_Job] = []  # the jobs of the batch being gathered or run
+        self.held: _Job | None = None  # taken from the queue for the next batch
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
+        self.task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
-        if self.task:
+        if self.task and not self.task.done():
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-            except asyncio.CancelledError:
-                pass
         self.executor.shutdown(wait=True)
 
+    def _ended(self, task: asyncio.Task) -> None:
+        """The loop ended: cancelled at shutdown, or died. Either way nobody waits forever."""
+        reason = "the server is shutting down" if task.cancelled() else f"the batcher stopped ({task.exception()!r:.200})"
+        self.dead = reason
+        waiting = [*self.inflight, *([self.held] if self.held else [])]
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        for job in waiting:
+            if not job.future.done():
+                job.future.set_exception(RequestError(503, f"not ready: {reason}"))
+        if not task.cancelled():
+            log.error("batcher died: %r", task.exception())
+            if self.on_death is not None:
+                self.on_death(reason)
+
     async def infer(self, pixels: np.ndarray) -> np.ndarray:
-        future = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait(_Job(pixels, future))
-        except asyncio.QueueFull:
-            raise RequestError(503, f"server busy: {self.queue.maxsize} requests already queued; retry later") from None
+        if self.dead is not None:
+            raise RequestError(503, f"not ready: {self.dead}")
+        n = len(pixels)
+        if n > self.max_queue:
+            raise RequestError(413, f"a request of {n} images is over the server's queue of {self.max_queue} (--max-queue)")
+        if self.pending_rows + n > self.max_queue:
+            raise Busy(f"server busy: {self.pending_rows} images already queued (limit {self.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, n, self.max_batch_size):  # a large request is split into whole batches
+            future = loop.create_future()
+            self.queue.put_nowait(_Job(pixels[start:start + self.max_batch_size], future))
+            futures.append(future)
         self.pending += 1
+        self.pending_rows += n
         try:
-            return await future
+            parts = await asyncio.gather(*futures)
         finally:
             self.pending -= 1
+            self.pending_rows -= n
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        if not self.io_binding:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, batch)  # from host memory: ONNX Runtime copies it once per batch
+        binding.bind_output(OUTPUT_NAME, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    async def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None]:
+        """``first`` and what joins it within the delay, up to max_batch_size rows; the job that did not fit."""
+        loop = asyncio.get_running_loop()
+        jobs, rows = self.inflight, len(first.pixels)  # self.inflight is [first]
+        deadline = loop.time() + self.max_delay
+        while rows < self.max_batch_size:
+            try:
+                nxt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+            if rows + len(nxt.pixels) > self.max_batch_size:
+                self.held = nxt
+                return jobs, nxt  # starts the next batch; a batch never exceeds the limit
+            jobs.append(nxt)
+            rows += len(nxt.pixels)
+        return jobs, None
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         pending: _Job | None = None
         while True:
-            job = pending or await self.queue.get()
-            pending = None
-            jobs, rows = [job], len(job.pixels)
-            deadline = loop.time() + self.max_delay
-            while rows < self.max_batch_size:
-                try:
-                    nxt = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(self.queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                if rows + len(nxt.pixels) > self.max_batch_size:
-                    pending = nxt  # starts the next batch; a batch never exceeds the limit
-                    break
-                jobs.append(nxt)
-                rows += len(nxt.pixels)
+            first = pending or await self.queue.get()
+            self.inflight, self.held = [first], None
+            jobs, pending = await self._collect(first)
+            jobs = [j for j in jobs if not j.future.done()]  # callers that went away
+            if not jobs:
+                continue
             batch = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
             try:
                 logits = await loop.run_in_executor(self.executor, self._run, batch)
-            except Exception as exc:  # the model failed: every caller of this batch gets a 500
+            except Exception as exc:  # the model failed on this batch: its callers may retry
                 log.exception("inference failed")
                 for j in jobs:
                     if not j.future.done():
-                        j.future.set_exception(RequestError(500, f"inference failed: {type(exc).__name__}"))
+                        j.future.set_exception(RequestError(503, f"inference failed: {type(exc).__name__}; retry later"))
                 continue
-            self.batches += 1
-            self.rows += rows
-            self.requests += len(jobs)
-            start = 0
-            for j in jobs:
-                n = len(j.pixels)
-                if not j.future.done():  # a caller that went away
-                    j.future.set_result(logits[start:start + n])
-                start += n
+            if getattr(logits, "shape", None) != (len(batch), NUM_CLASSES):
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(RequestError(503, "not ready: the model broke its contract"))
+                raise ModelFailure(f"the model answered a batch of {len(batch)} rows with {getattr(logits, 'shape', None)}, "
+                                   f"expected ({len(batch)}, {NUM_CLASSES})")
+            self._deliver(jobs, logits)
+
+    def _deliver(self, jobs: list[_Job], logits: np.ndarray) -> None:
+        self.batches += 1
+        start = 0
+        for j in jobs:
+            n = len(j.pixels)
+            self.rows += n
+            self.requests += 1
+            if not j.future.done():
+                j.future.set_result(logits[start:start + n])
+            start += n
 
 
-# ------------------------------------------------------------------------------------------ validation
-def _flatten(data: Any) -> np.ndarray:
-    """Flat or nested JSON numbers -> float64 1-D array; ragged or non-numeric data is an error."""
-    if not isinstance(data, list):
-        raise RequestError(400, f"input 'data' must be a JSON array of numbers, got {type(data).__name__}")
-    if data and not isinstance(data[0], list):
-        try:
-            return np.asarray(data, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise RequestError(400, "input 'data' must hold only numbers") from None
-    try:
-        arr = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise RequestError(400, "input 'data' must be numbers in a flat or evenly nested (row-major) array") from None
-    return arr.reshape(-1)
+# ------------------------------------------------------------------------------------------ model checks
+def check_batching(session: Any, max_batch_size: int) -> None:
+    """Refuse a model the batcher cannot serve: a fixed batch dimension (unless --max-batch-size 1 with a
+    fixed batch of 1), or rows that depend on the other rows of the batch (a batch of distinct inputs
+    must answer row by row what each input answers alone)."""
+    dim = session.get_inputs()[0].shape[0]
+    if isinstance(dim, int):
+        if dim == 1 and max_batch_size == 1:
+            return
+        raise UserError(f"the model has a fixed batch dimension of {dim}; the server batches requests, so it needs a "
+                        f"dynamic batch dimension" + (" (or serve it with --max-batch-size 1)" if dim == 1 else ""))
+    if max_batch_size == 1:
+        return
+    probe = np.random.default_rng(0).random((4, *INPUT_SHAPE), dtype=np.float32)
+    together = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
+    alone = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: probe[i:i + 1]})[0] for i in range(4)])
+    if together.shape != (4, NUM_CLASSES) or not np.allclose(together, alone, rtol=1e-3, atol=1e-3):
+        raise UserError(f"the model does not answer one row per input row (a batch of 4 gave {together.shape} "
+                        f"outputs that differ from the rows run alone); refusing to batch callers together")
 
 
-def parse_infer_request(body: dict[str, Any]) -> tuple[np.ndarray, list[str], Any]:
-    """A v2 inference request -> float32 pixels [N, 1, 28, 28], the outputs asked for, the request id."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "request body must be a JSON object with 'inputs'")
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
-        raise RequestError(400, f"expected 'inputs' to hold exactly 1 tensor named {INPUT_NAME!r}, got {got}")
-    tensor = inputs[0]
-    if tensor.get("name") != INPUT_NAME:
-        raise RequestError(400, f"unexpected input name {tensor.get('name')!r}, expected {INPUT_NAME!r}")
-    datatype = tensor.get("datatype")
-    if datatype not in ("FP32", "UINT8"):
-        raise RequestError(400, f"input {INPUT_NAME!r} datatype must be FP32 (0-1) or UINT8 (0-255), got {datatype!r}")
-    shape = tensor.get("shape")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-            or not (shape[1:] in _SHAPES) or shape[0] < 1):
-        raise RequestError(400, f"input {INPUT_NAME!r} shape must be {ACCEPTED_SHAPES} with N >= 1, got {shape}")
-    n = shape[0]
-    if n > MAX_ROWS_PER_REQUEST:
-        raise RequestError(400, f"at most {MAX_ROWS_PER_REQUEST} images per request, got N = {n}")
-    values = _flatten(tensor.get("data"))
-    expected = n * IMAGE_PIXELS
-    if values.size != expected:
-        raise RequestError(400, f"input {INPUT_NAME!r} with shape {shape} needs {expected} values, got {values.size}")
-    if not np.isfinite(values).all():
-        raise RequestError(400, f"input {INPUT_NAME!r} holds non-finite values (NaN or infinity)")
-    if datatype == "FP32":
-        if values.min() < 0 or values.max() > 1:
-            raise RequestError(400, f"FP32 pixels must be in [0, 1], got values from {values.min():g} to {values.max():g}")
-        pixels = values.astype(np.float32)
-    else:
-        if values.min() < 0 or values.max() > 255 or not np.all(values == np.round(values)):
-            raise RequestError(400, "UINT8 pixels must be integers from 0 to 255")
-        pixels = to_pixels(values.astype(np.uint8).reshape(n, IMAGE_PIXELS))
-    requested = body.get("outputs")
-    names = [OUTPUT_NAME]
-    if requested is not None:
-        if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-            raise RequestError(400, "'outputs' must be a list of {\"name\": ...} objects")
-        names = [o.get("name") for o in requested]
-        unknown = [nm for nm in names if nm not in OUTPUTS]
-        if unknown:
-            raise RequestError(400, f"unknown output {unknown[0]!r}, expected one of {list(OUTPUTS)}")
-    return pixels.reshape(n, *INPUT_SHAPE), names, body.get("id")
-
-
-# ------------------------------------------------------------------------------------------ the app
 def model_metadata(name: str, meta: dict[str, str]) -> dict[str, Any]:
     return {
         "name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
@@ -215,22 +237,60 @@ def model_metadata(name: str, meta: dict[str, str]) -> dict[str, Any]:
     }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (by Content-Length or while streaming)."""
-    length = request.headers.get("content-length")
-    if length is not None:
+# ------------------------------------------------------------------------------------------ the app
+class ServerState:
+    """What the routes (HTTP and gRPC) share: readiness, the batcher, the request thread pool, byte budget."""
+
+    def __init__(self, config: ServerConfig, metadata: dict[str, Any]) -> None:
+        self.config = config
+        self.metadata = metadata
+        self.ready = False
+        self.batcher: DynamicBatcher | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="requests")
+        self.processes: concurrent.futures.ProcessPoolExecutor | None = None  # started at the first large JSON body
+        self.pending_bytes = 0
+        self.fatal: str | None = None
+        self.stop_server: Callable[[], None] | None = None  # set by serve(): ends uvicorn
+
+    async def work(self, fn: Callable[..., Any], *args: Any, size: int = INLINE_BYTES + 1) -> Any:
+        """``fn(*args)`` in the request thread pool (or inline when the input is at most INLINE_BYTES)."""
+        if size <= INLINE_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def parse(self, raw: bytes, header_value: str | None) -> InferRequest:
+        """An HTTP inference request, parsed inline, in a thread, or (a large JSON body, whose parsing
+        would hold the GIL and so the event loop for tens of milliseconds) in a worker process."""
+        if header_value is not None or len(raw) <= PROCESS_BYTES:
+            json_size = len(raw) if header_value is None or not header_value.isdigit() else int(header_value[:12])
+            return await self.work(parse_http_request, raw, header_value, size=json_size)
+        if self.processes is None:
+            import multiprocessing
+
+            self.processes = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            if int(length) > limit:
-                raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
-        except ValueError:
-            raise RequestError(400, "malformed Content-Length header") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            return await asyncio.get_running_loop().run_in_executor(self.processes, parse_http_request, raw, None)
+        except concurrent.futures.BrokenExecutor:
+            self.processes = None  # the worker died (killed for memory?): a new one next time
+            raise RequestError(503, "the request parser stopped; retry later") from None
+
+    def take_bytes(self, n: int) -> None:
+        if self.pending_bytes + n > self.config.max_pending_bytes:
+            raise Busy(f"server busy: {self.pending_bytes} bytes of requests in flight (limit "
+                       f"{self.config.max_pending_bytes}); retry later")
+        self.pending_bytes += n
+
+    def died(self, reason: str) -> None:
+        """The batcher stopped for good: not ready at once, exit (status 1) shortly after."""
+        self.ready, self.fatal = False, reason
+        if self.stop_server is not None and self.loop is not None:
+            self.loop.call_later(EXIT_DELAY_S, self.stop_server)
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        if self.batcher is None or not self.ready:
+            raise RequestError(503, f"not ready{': ' + self.fatal if self.fatal else ''}")
+        return await self.batcher.infer(pixels)
 
 
 def create_app(config: ServerConfig, session: Any | None = None) -> Any:
@@ -240,24 +300,32 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     from . import __version__
 
     session = session or create_session(config.model_path, config.provider, threads=config.threads)
+    check_batching(session, config.max_batch_size)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if config.model_name is None:
         config.model_name = meta.get("architecture") or Path(config.model_path).name.split(".")[0]
-    state: dict[str, Any] = {"ready": False}
+    state = ServerState(config, model_metadata(config.model_name, meta))
+    io_binding = config.provider.lower() not in ("cpu", "cpuexecutionprovider")
 
     @asynccontextmanager
     async def lifespan(app: Any):
-        batcher = DynamicBatcher(session, config.max_batch_size, config.max_delay_ms, config.max_queue)
+        batcher = DynamicBatcher(session, config.max_batch_size, config.max_delay_ms, config.max_queue,
+                                 io_binding=io_binding, on_death=state.died)
+        state.loop = asyncio.get_running_loop()
         batcher.start()
-        state["batcher"], state["ready"] = batcher, True
+        state.batcher, state.ready = batcher, True
         yield
-        state["ready"] = False
+        state.ready = False
         await batcher.stop()
+        state.pool.shutdown(wait=False)
+        if state.processes is not None:
+            state.processes.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="resnet-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
     _add_error_handlers(app)
-    _add_health_routes(app, config, state, model_metadata(config.model_name, meta))
-    _add_inference_routes(app, config, state)
+    _add_health_routes(app, state)
+    _add_inference_routes(app, state)
     return app
 
 
@@ -265,13 +333,15 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _check_model(config: ServerConfig, name: str) -> None:
+def _check_model(config: ServerConfig, name: str, version: str = "1") -> None:
     if name != config.model_name:
-        raise RequestError(404, f"unknown model {name!r}; this server serves {config.model_name!r}")
+        raise RequestError(404, f"unknown model {name[:100]!r}; this server serves {config.model_name!r}")
+    if version != "1":
+        raise RequestError(404, f"unknown version {version[:20]!r} of {name!r}; this server has version 1")
 
 
 def _add_error_handlers(app: Any) -> None:
-    """Every error a client can cause answers {"error": message} with its status; anything else 500."""
+    """Every error a client can cause answers {"error": message} with its status."""
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc))
@@ -285,19 +355,24 @@ def _add_error_handlers(app: Any) -> None:
         return _error(400, "invalid request")
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:  # a bug of ours; the fuzz test hunts these
         log.exception("unhandled error")
         return _error(500, "internal server error")
 
 
+def _ready_response(state: ServerState, body: dict[str, Any]) -> Response:
+    return JSONResponse({**body, "ready": state.ready}, status_code=200 if state.ready else 503)
 
-def _add_health_routes(app: Any, config: ServerConfig, state: dict[str, Any], metadata_body: dict[str, Any]) -> None:
+
+def _add_health_routes(app: Any, state: ServerState) -> None:
     """Server and model metadata, liveness and readiness (Open Inference Protocol)."""
     from . import __version__
 
+    config = state.config
+
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "resnet-edge", "version": __version__, "extensions": []}
+        return {"name": "resnet-edge", "version": __version__, "extensions": ["binary_tensor_data", "statistics"]}
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, Any]:
@@ -305,65 +380,129 @@ def _add_health_routes(app: Any, config: ServerConfig, state: dict[str, Any], me
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+        return _ready_response(state, {})
 
     @app.get("/v2/models/{name}")
-    async def metadata(name: str) -> dict[str, Any]:
-        _check_model(config, name)
-        return metadata_body
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def metadata(name: str, version: str = "1") -> dict[str, Any]:
+        _check_model(config, name, version)
+        return state.metadata
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str = "1") -> Response:
+        _check_model(config, name, version)
+        return _ready_response(state, {"name": name})
 
     @app.get("/v2/models/{name}/stats")
     async def stats(name: str) -> dict[str, Any]:
         """Triton's statistics extension, in brief: how much was served and how it was batched."""
         _check_model(config, name)
-        batcher = state.get("batcher")
-        counts = {"inference_count": batcher.rows, "execution_count": batcher.batches,
-                  "request_count": batcher.requests, "pending_requests": batcher.pending} if batcher else {}
-        return {"model_stats": [{"name": name, "version": "1", **counts}]}
-
-    @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> Response:
-        _check_model(config, name)
-        return JSONResponse({"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+        b = state.batcher
+        counts = {"inference_count": b.rows, "execution_count": b.batches, "request_count": b.requests,
+                  "pending_requests": b.pending, "pending_rows": b.pending_rows} if b else {}
+        memory = await state.work(_memory_report, config.provider)
+        return {"model_stats": [{"name": name, "version": "1", **counts}],
+                "server": {"pending_bytes": state.pending_bytes, **memory}}
 
 
-def _add_inference_routes(app: Any, config: ServerConfig, state: dict[str, Any]) -> None:
-    """POST /v2/models/{name}/infer (tensors) and /v1/predict (one image file)."""
+def _memory_report(provider: str) -> dict[str, Any]:
+    """Resident memory of this process, and its GPU memory (nvidia-smi) on a CUDA or TensorRT provider."""
+    import os
+    import subprocess
+
+    import psutil
+
+    report: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
+    if provider.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider"):
+        report["gpu_memory_bytes"] = None
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=2).stdout
+            used = [int(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
+                    if p.strip() == str(os.getpid())]
+            report["gpu_memory_bytes"] = sum(used) * 2**20 if used else None
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return report
+
+
+@contextlib.asynccontextmanager
+async def _body(request: Request, state: ServerState):
+    """The request body, counted against --max-pending-bytes until the response; 413 past
+    --max-body-bytes (by Content-Length or while streaming), 408 when slower than --client-timeout."""
+    limit = state.config.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or len(length) > 15:
+            raise RequestError(400, "malformed Content-Length header")
+        if int(length) > limit:
+            raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
+    taken = int(length) if length is not None else 0
+    state.take_bytes(taken)
+    try:
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size, taken
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"request body is over the limit of {limit} bytes")
+                if size > taken:
+                    state.take_bytes(size - taken)
+                    taken = size
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), state.config.client_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"request body not received within {state.config.client_timeout:g} s") from None
+        yield b"".join(chunks)
+    finally:
+        state.pending_bytes -= taken
+
+
+def _add_inference_routes(app: Any, state: ServerState) -> None:
+    """POST /v2/models/{name}[/versions/1]/infer (tensors) and /v1/predict (one image file)."""
     from .preprocess import ImageError, image_to_pixels
 
+    config = state.config
+
     @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Response:
-        _check_model(config, name)
-        raw = await _read_body(request, config.max_body_bytes)
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str = "1") -> Response:
+        _check_model(config, name, version)
+        async with _body(request, state) as raw:
+            parsed = await state.parse(raw, request.headers.get(HEADER_LENGTH))
+            logits = await state.infer(parsed.pixels)
+            body, header_length = await state.work(encode_http_response, config.model_name, parsed, logits,
+                                                   size=logits.nbytes * 8)
+        if header_length is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+    def decode(data: bytes) -> np.ndarray:
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
-        pixels, outputs, request_id = parse_infer_request(body)
-        logits = await state["batcher"].infer(pixels)
-        tensors = {OUTPUT_NAME: logits, PROBABILITIES: softmax(logits) if PROBABILITIES in outputs else None}
-        response = {"model_name": config.model_name, "model_version": "1",
-                    "outputs": [{"name": o, "datatype": "FP32", "shape": list(tensors[o].shape),
-                                 "data": tensors[o].reshape(-1).tolist()} for o in outputs]}
-        if request_id is not None:
-            response["id"] = request_id
-        return Response(json.dumps(response), media_type="application/json")
+            return image_to_pixels(data)
+        except ImageError as exc:
+            raise RequestError(400, str(exc)) from None
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        raw = await _read_body(request, config.max_body_bytes)
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            data = await _multipart_file(request, raw)
-        else:
-            data = raw
-        if not data:
-            raise RequestError(400, "expected an image (image/png, image/jpeg) as the body or as multipart field 'file'")
-        try:
-            pixels = image_to_pixels(data)
-        except ImageError as exc:
-            raise RequestError(400, str(exc)) from None
-        logits = await state["batcher"].infer(pixels)
+        async with _body(request, state) as raw:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                data = await _multipart_file(request, raw)
+            else:
+                data = raw
+            if not data:
+                raise RequestError(400, "expected an image (PNG, JPEG, BMP, GIF, WebP, TIFF) as the body or as "
+                                        "multipart field 'file'")
+            pixels = await state.work(decode, data)
+            logits = await state.infer(pixels)
         return digit_prediction(logits[0])
 
 
@@ -381,8 +520,58 @@ async def _multipart_file(request: Any, raw: bytes) -> bytes:
         raise RequestError(400, "malformed multipart body") from None
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
-        raise RequestError(400, f"multipart body needs a file field named 'file', got fields {list(form.keys())}")
+        raise RequestError(400, f"multipart body needs a file field named 'file', got fields {list(form.keys())[:10]}")
     return await upload.read()
+
+
+# ------------------------------------------------------------------------------------------ running it
+def _guarded_http(client_timeout: float) -> type:
+    """uvicorn's httptools protocol with what it lacks against slow or greedy clients: the request line
+    and headers must arrive within ``client_timeout`` seconds and MAX_HEADER_BYTES, else the
+    connection is closed (an idle keep-alive connection is closed by uvicorn's timeout_keep_alive)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttp(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self._completed = 0  # requests received whole on this connection
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._header_bytes = 0
+            self._guard = self.loop.call_later(client_timeout, self._too_slow)
+
+        def _too_slow(self) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._arm()  # a response is on its way: not the client's fault
+            else:
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            completed = self._completed
+            super().data_received(data)
+            if self._guard is not None and self._completed == completed:  # headers still incomplete after this data
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            if self._guard is not None:
+                self._guard.cancel()
+                self._guard = None
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._completed += 1
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._guard is not None:
+                self._guard.cancel()
+            super().connection_lost(exc)
+
+    return GuardedHttp
 
 
 class _GracefulServer(uvicorn.Server):
@@ -399,25 +588,61 @@ class _GracefulServer(uvicorn.Server):
                 signal.signal(s, handler)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before anything is announced: a busy port is one clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[ServerConfig], None] | None = None) -> None:
     """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight and returns.
-    ``announce`` is called once the model is loaded (the model name is known then)."""
+    ``announce`` is called once the model is loaded and the ports are open. A batcher that died ends
+    the process with a one-line error (status 1)."""
     app = create_app(config)  # a missing or broken model fails here, before the port is opened
+    state: ServerState = app.state.server
+    sock = _listen(config.host, config.port)
+    if config.port == 0:
+        config.port = sock.getsockname()[1]
+    grpc_server = None
+    if config.grpc_port:
+        from .serve_grpc import GrpcServer
+
+        grpc_server = GrpcServer(state)
+        try:
+            grpc_server.start()  # a busy port fails here, one line
+        except BaseException:
+            sock.close()
+            raise
     if announce is not None:
         announce(config)
     kwargs: dict[str, Any] = {}
-    try:
+    with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401
 
         kwargs["loop"] = "uvloop"
-    except ImportError:
-        pass
+    server = _GracefulServer(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
+                                            http=_guarded_http(config.client_timeout), timeout_keep_alive=5,
+                                            limit_concurrency=config.max_connections, **kwargs))
+    state.stop_server = lambda: setattr(server, "should_exit", True)
     try:
-        import httptools  # noqa: F401
+        server.run(sockets=[sock])
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop()
+        sock.close()
+    if state.fatal:
+        raise UserError(f"{state.fatal}; stopped serving so that a supervisor restarts the server")
 
-        kwargs["http"] = "httptools"
-    except ImportError:
-        pass
-    server = _GracefulServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
-                                    timeout_graceful_shutdown=30, **kwargs))
-    server.run()

@@ -19,7 +19,7 @@ STAGES = {
     "export": {"export"},
     "eval": {"evaluate"},
     "bench": {"bench", "bench_worker", "bench_report"},
-    "serve": {"serve"},
+    "serve": {"serve", "serve_v2", "serve_grpc"},
     "package": {"package"},
     "predict": {"predict"},
 }
@@ -27,7 +27,7 @@ LIBRARY = {"contract", "config", "errors", "files", "machine", "int8", "data", "
            "quantize", "preprocess", "variants"}
 # What an edge box runs: eval of .onnx, bench --no-torch, serve, predict.
 INFERENCE = ["contract", "config", "errors", "files", "machine", "int8", "data", "runtime", "quantize", "preprocess",
-             "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve", "package", "predict"]
+             "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve", "serve_v2", "serve_grpc", "package", "predict"]
 
 
 def _internal_imports(module: str) -> set[str]:

@@ -1,0 +1,411 @@
+"""What a client, a slow client or a broken model can do to `serve` (issue 9's reproducers): each
+answers 4xx or 503 quickly, the server stays ready, and memory stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import error_line, free_port, runner, start_server
+from resnet_edge.cli import app
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+def linear_model(path: Path, batch: int | str = "batch", reverse_rows: bool = False) -> Path:
+    """A contract-shaped ONNX model (pixels [B,1,28,28] -> logits [B,10], a linear layer) made in
+    milliseconds; ``batch`` fixed or dynamic; ``reverse_rows`` returns the batch's rows reversed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(784, 10)).astype(np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["scores" if reverse_rows else "logits"])]
+    inits = [weights]
+    if reverse_rows:
+        inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                  (("starts", [-1]), ("ends", [-2**63]), ("axes", [0]), ("steps", [-1]))]
+        nodes.append(helper.make_node("Slice", ["scores", "starts", "ends", "axes", "steps"], ["logits"]))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def linear(tmp_path_factory):
+    return linear_model(tmp_path_factory.mktemp("models") / "linear.onnx")
+
+
+@pytest.fixture(scope="module")
+def server(linear):
+    proc, url = start_server("--model", linear, "--model-name", "m", "--max-body-bytes", 2_000_000,
+                             "--max-batch-size", 8, "--max-queue", 2048, "--client-timeout", 1)
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _infer_url(url):
+    return f"{url}/v2/models/m/infer"
+
+
+def _assert_ready(url):
+    r = httpx.get(f"{url}/v2/health/ready", timeout=2)
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------------------ request bodies
+def _tensor(data, datatype="FP32", shape=(1, 784), **extra):
+    return {"inputs": [{"name": "pixels", "datatype": datatype, "shape": list(shape), "data": data}], **extra}
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_with_chunk_after_idat(kind: bytes, payload: bytes) -> bytes:
+    """A valid 28x28 PNG with one more (well-formed, CRC-correct) chunk between IDAT and IEND."""
+    png = _png_bytes(Image.new("L", (28, 28)))
+    iend = png.rindex(b"IEND") - 4
+    return png[:iend] + _chunk(kind, payload) + png[iend:]
+
+
+BAD_ZTXT = _png_with_chunk_after_idat(b"zTXt", b"key\x00\x01abc")  # compression method 1: Pillow raises SyntaxError
+BAD_FCTL = _png_with_chunk_after_idat(b"fcTL", struct.pack(">IIIIIHHBB", 0, 1000, 1000, 0, 0, 1, 1, 0, 0))  # frame > image
+DEEP = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+REPRODUCERS = [  # (body or JSON, expected status, words of the message)
+    (DEEP, 400, "nested too deeply"),
+    (_tensor([1] * 783 + [int("9" * 400)]), 400, "too large"),
+    (b'{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [' + b"9" * 5000 + b"]}]}", 400, "malformed JSON"),
+    (_tensor([0.5] * 784, outputs=[{"name": ["logits"]}]), 400, "unknown output ['logits']"),
+    (_tensor([0.5] * 784, outputs=[{"name": {"a": 1}}]), 400, "unknown output {'a': 1}"),
+    (_tensor(["0.5"] * 784), 400, "only numbers"),
+    (_tensor([True] * 784), 400, "only numbers"),
+    (_tensor([0.5] * 783 + [False]), 400, "only numbers"),
+    (_tensor([[0.5] * 392, [0.5] * 391 + [[0.5]]]), 400, "only numbers"),
+    (_tensor([0.5] * 784, parameters=[1]), 400, "'parameters' must be a JSON object"),
+    (_tensor([0.5] * 784, parameters={"binary_data_output": "yes"}), 400, "binary_data_output"),
+    (_tensor([0.5] * 784, shape=[True, 784]), 400, "shape must be"),
+    (_tensor([0.5] * 784, shape=[]), 400, "shape must be"),
+]
+
+
+@pytest.mark.parametrize("body, status, words", REPRODUCERS, ids=range(len(REPRODUCERS)))
+def test_reproducers_answer_4xx_quickly_and_the_server_stays_ready(server, body, status, words):
+    url, _ = server
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    t0 = time.perf_counter()
+    r = httpx.post(_infer_url(url), content=content, timeout=10)
+    assert time.perf_counter() - t0 < 1.0
+    assert r.status_code == status and words in r.json()["error"], r.text
+    assert "\n" not in r.json()["error"]
+    _assert_ready(url)
+
+
+@pytest.mark.parametrize("png, name", [(BAD_ZTXT, "zTXt"), (BAD_FCTL, "fcTL")])
+def test_bad_png_chunks_after_idat_are_400_and_one_line_in_predict(server, tmp_path, linear, png, name):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/predict", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "cannot decode" in r.json()["error"], r.text
+    path = tmp_path / f"{name}.png"
+    path.write_bytes(png)
+    assert "cannot decode the image" in error_line(["predict", path, "--model", linear])
+
+
+def test_image_formats_are_limited_to_digit_photos(server):
+    url, _ = server
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28)).save(buf, format="PPM")  # a format Pillow reads that no photo of a digit comes as
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n"
+    for data in (buf.getvalue(), eps):
+        r = httpx.post(f"{url}/v1/predict", content=data)
+        assert r.status_code == 400 and "not one of PNG, JPEG, BMP, GIF, WEBP, TIFF" in r.json()["error"], r.text
+    for fmt in ("JPEG", "BMP", "GIF", "WEBP", "TIFF"):
+        img = Image.new("L", (56, 56))
+        img.paste(255, (20, 10, 36, 46))  # a bar: a "1"
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        assert httpx.post(f"{url}/v1/predict", content=buf.getvalue()).status_code == 200, fmt
+
+
+def test_image_bombs_are_refused_from_the_header_and_large_images_reduced(server, tmp_path, linear):
+    """80 Mpx passed before (Pillow refuses only twice its limit); a 4096x4096 RGBA costs 64 MiB decoded."""
+    url, proc = server
+    bombs = [_png_bytes(Image.new("1", (9000, 9000))), _png_bytes(Image.new("RGBA", (4096, 4096)))]
+    for bomb in bombs:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/predict", content=bomb)
+        assert r.status_code == 400 and "over the limit" in r.json()["error"] and time.perf_counter() - t0 < 1, r.text
+    big = Image.new("L", (4000, 4000))
+    big.paste(255, (1500, 500, 2500, 3500))
+    r = httpx.post(f"{url}/v1/predict", content=_png_bytes(big))  # 16 Mpx of 8-bit gray: allowed, reduced
+    assert r.status_code == 200, r.text
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bombs[0])
+    assert "over the limit" in error_line(["predict", path, "--model", linear])
+
+
+def test_decode_reduces_before_any_float_conversion():
+    from resnet_edge.preprocess import WORK_SIDE, decode_image
+
+    img = Image.new("L", (4000, 3000), 0)
+    gray = decode_image(_png_bytes(img))
+    assert max(gray.shape) <= WORK_SIDE and gray.dtype == np.float32
+
+
+def test_request_work_runs_off_the_event_loop(server):
+    """A large body being parsed must not hold up /v2/health: health answers while it is parsed."""
+    url, _ = server
+    body = json.dumps(_tensor(np.full(600 * 784, 0.5).tolist(), shape=(600, 784))).encode()  # ~2 MB, over the limit
+    large = json.dumps(_tensor(np.full(350 * 784, 0.5).tolist(), shape=(350, 784))).encode()  # ~1.4 MB: a process
+    medium = json.dumps(_tensor(np.full(100 * 784, 0.5).tolist(), shape=(100, 784))).encode()  # ~0.4 MB: a thread
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=30) as client:
+            heavy = [asyncio.create_task(client.post(_infer_url(url), content=b)) for b in (large, medium) * 3]
+            await asyncio.sleep(0.05)
+            t0 = time.perf_counter()
+            health = await client.get(f"{url}/v2/health/live")
+            health_s = time.perf_counter() - t0
+            results = await asyncio.gather(*heavy)
+            return health, health_s, results
+
+    health, health_s, results = asyncio.run(scenario())
+    assert health.status_code == 200 and all(r.status_code == 200 for r in results)
+    assert health_s < 0.25, f"/v2/health/live took {health_s:.3f} s while bodies were parsed"
+    assert httpx.post(_infer_url(url), content=body).status_code == 413
+
+
+def test_slow_clients_cannot_stall_health(server):
+    """Connections that trickle their headers or body are closed after --client-timeout (1 s here)."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    slow = []
+    for i in range(20):
+        s = socket.create_connection(("127.0.0.1", port))
+        if i % 2:
+            s.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{")  # body never comes
+        else:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        slow.append(s)
+    t0 = time.perf_counter()
+    _assert_ready(url)
+    assert time.perf_counter() - t0 < 0.5
+    time.sleep(2.5)
+    for s in slow:
+        s.settimeout(2)
+        data = s.recv(4096)  # the server answered 408 or closed the connection
+        assert data == b"" or b"408" in data.split(b"\r\n")[0], data[:100]
+        s.close()
+    _assert_ready(url)
+
+
+def test_rows_over_the_queue_and_large_requests_split(linear):
+    """--max-queue counts images: a request larger than the queue is refused clearly; one larger than
+    --max-batch-size is split into batches and answered whole."""
+    proc, url = start_server("--model", linear, "--model-name", "m", "--max-batch-size", 4, "--max-queue", 16)
+    try:
+        x = np.random.default_rng(1).random((40, 784))
+        r = httpx.post(_infer_url(url), json=_tensor(x[:16].tolist(), shape=(16, 784)), timeout=30)
+        assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [16, 10]
+        stats = httpx.get(f"{url}/v2/models/m/stats").json()["model_stats"][0]
+        assert stats["execution_count"] == 4 and stats["inference_count"] == 16  # 16 rows in 4 batches of 4
+        r = httpx.post(_infer_url(url), json=_tensor(x.tolist(), shape=(40, 784)))
+        assert r.status_code == 413 and "over the server's queue of 16" in r.json()["error"]
+        _assert_ready(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_split_request_matches_unsplit_rows():
+    from resnet_edge.serve import DynamicBatcher
+
+    class Echo:  # logits = the first pixel of each row
+        def run(self, names, feeds):
+            return [np.repeat(feeds["pixels"][:, 0, 0, :1], 10, axis=1)]
+
+    async def scenario():
+        batcher = DynamicBatcher(Echo(), max_batch_size=3, max_delay_ms=1, max_queue=100)
+        batcher.start()
+        x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 28, 28), np.float32)
+        out = await batcher.infer(x)
+        await batcher.stop()
+        return out, batcher.batches
+
+    out, batches = asyncio.run(scenario())
+    assert out[:, 0].tolist() == list(range(10)) and batches == 4
+
+
+# ------------------------------------------------------------------------------------------ broken models
+def test_model_that_reverses_rows_is_refused_at_start(tmp_path):
+    bad = linear_model(tmp_path / "reverse.onnx", reverse_rows=True)
+    assert "does not answer one row per input row" in error_line(["serve", "--model", bad, "--port", free_port()])
+
+
+def test_fixed_batch_one_needs_max_batch_size_one(tmp_path):
+    fixed = linear_model(tmp_path / "fixed.onnx", batch=1)
+    assert "fixed batch dimension of 1" in error_line(["serve", "--model", fixed, "--port", free_port()])
+    proc, url = start_server("--model", fixed, "--model-name", "m", "--max-batch-size", 1)
+    try:
+        r = httpx.post(_infer_url(url), json=_tensor(np.zeros((3, 784)).tolist(), shape=(3, 784)))
+        assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [3, 10]  # split into 3 calls of 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_wrong_row_count_marks_not_ready_and_the_process_exits_1(linear):
+    """A batch answered with the wrong number of rows: callers get 503, ready 503, then exit status 1."""
+    port = free_port()
+    code = ("import sys, numpy as np; import resnet_edge.serve as s; "
+            "s.DynamicBatcher._run = lambda self, b: np.zeros((len(b) + 1, 10), np.float32); "
+            f"sys.argv = ['resnet-edge', 'serve', '--model', {str(linear)!r}, '--model-name', 'm', '--port', '{port}']; "
+            "from resnet_edge.cli import app; app()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+                time.sleep(0.1)
+        r = httpx.post(_infer_url(url), json=_tensor([0.5] * 784), timeout=10)
+        assert r.status_code == 503 and "contract" in r.json()["error"], r.text
+        assert httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 503
+        assert proc.wait(timeout=20) == 1
+        lines = proc.stderr.read().strip().splitlines()
+        assert lines[-1].startswith("error: the batcher stopped") and "Traceback" not in "".join(lines[-3:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_model_exception_is_503_not_500():
+    from resnet_edge.serve import DynamicBatcher, RequestError
+
+    class Failing:
+        def run(self, names, feeds):
+            raise RuntimeError("CUDA out of memory")
+
+    async def scenario():
+        batcher = DynamicBatcher(Failing(), max_batch_size=4, max_delay_ms=0, max_queue=10)
+        batcher.start()
+        with pytest.raises(RequestError) as info:
+            await batcher.infer(np.zeros((1, 1, 28, 28), np.float32))
+        await batcher.stop()
+        return info.value
+
+    assert asyncio.run(scenario()).status == 503
+
+
+def test_dead_batcher_fails_waiting_callers_and_new_ones():
+    """If the batcher's task dies (anything outside its try), nobody waits forever."""
+    from resnet_edge.serve import DynamicBatcher, RequestError
+
+    deaths = []
+
+    async def scenario():
+        batcher = DynamicBatcher(None, max_batch_size=4, max_delay_ms=0, max_queue=10, on_death=deaths.append)
+
+        async def broken_collect(first):
+            raise ValueError("bug")
+
+        batcher._collect = broken_collect
+        batcher.start()
+        results = await asyncio.gather(*(batcher.infer(np.zeros((1, 1, 28, 28), np.float32)) for _ in range(3)),
+                                       return_exceptions=True)
+        late = await asyncio.gather(batcher.infer(np.zeros((1, 1, 28, 28), np.float32)), return_exceptions=True)
+        await batcher.stop()
+        return results + late
+
+    results = asyncio.wait_for(scenario(), 10)
+    results = asyncio.run(results)
+    assert all(isinstance(r, RequestError) and r.status == 503 for r in results), results
+    assert deaths and "batcher stopped" in deaths[0]
+
+
+def test_io_binding_path_gives_the_same_logits_on_the_cpu(linear):
+    """The IOBinding feed used on GPU providers, run on the CPU provider (ONNX Runtime binds host memory there too)."""
+    from resnet_edge.runtime import create_session
+    from resnet_edge.serve import DynamicBatcher
+
+    session = create_session(linear)
+    x = np.random.default_rng(2).random((5, 1, 28, 28), dtype=np.float32)
+    expected = session.run(["logits"], {"pixels": x})[0]
+
+    async def scenario():
+        batcher = DynamicBatcher(session, max_batch_size=8, max_delay_ms=1, max_queue=100, io_binding=True)
+        batcher.start()
+        out = await asyncio.gather(batcher.infer(x[:2]), batcher.infer(x[2:]))
+        await batcher.stop()
+        return np.concatenate(out)
+
+    assert np.allclose(asyncio.run(scenario()), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ options
+@pytest.mark.parametrize("args, words", [
+    (["--max-delay-ms", "nan"], "--max-delay-ms must be a finite number"),
+    (["--max-delay-ms", "inf"], "--max-delay-ms must be a finite number"),
+    (["--max-queue", "8", "--max-batch-size", "64"], "--max-queue (8 images) must be at least --max-batch-size"),
+    (["--grpc-port", "70000"], "--grpc-port must be 0-65535"),
+    (["--client-timeout", "nan"], "--client-timeout must be a finite number"),
+    (["--max-pending-bytes", "10"], "--max-pending-bytes must be at least"),
+])
+def test_bad_serve_options_are_one_line(linear, args, words):
+    assert words in error_line(["serve", "--model", linear, *args])
+
+
+def test_busy_port_is_one_line_before_serving(linear):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "resnet_edge", "serve", "--model", str(linear), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "serving" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}"), result.stderr
+
+
+def test_cuda_provider_missing_is_one_line(linear):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider")
+    line = error_line(["serve", "--model", linear, "--provider", "cuda", "--port", free_port()])
+    assert "CUDAExecutionProvider" in line and "not available" in line
+
+
+def test_stats_report_memory(server):
+    url, _ = server
+    body = httpx.get(f"{url}/v2/models/m/stats").json()
+    assert body["server"]["rss_bytes"] > 10 * 2**20 and body["server"]["pending_bytes"] == 0
+    assert "gpu_memory_bytes" not in body["server"]  # CPU provider: no GPU figure is made up
