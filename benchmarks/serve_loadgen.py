@@ -1,0 +1,153 @@
+"""The load generator of the serving benchmarks (serve_load.py --mix, serve_soak.py, serve_peers.py):
+closed-loop clients, each sending one single-image Open Inference Protocol request at a time.
+
+Modes: "json" (KServe v2 JSON, UINT8 data), "binary" (the binary tensor data extension: JSON header +
+784 raw bytes, logits back as binary), "grpc" (GRPCInferenceService/ModelInfer with raw_input_contents).
+HTTP clients speak HTTP/1.1 keep-alive on raw asyncio streams, the gRPC ones use grpc.aio with
+pre-serialized messages, so the client costs as little CPU as possible on a machine it shares with
+the server. Every request is built before the clock starts; a request that does not answer 200 / OK
+is an error (counted, with its kind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODES = ("json", "binary", "grpc")
+
+
+def test_images(count: int = 256) -> np.ndarray:
+    from resnet_edge.data import load_test_split
+
+    images, _ = load_test_split()
+    return np.round(images[:count].reshape(count, 784) * 255).astype(np.uint8)
+
+
+def http_requests(mode: str, name: str, port: int, images: np.ndarray) -> list[bytes]:
+    """Whole HTTP/1.1 requests (head + body), one per image."""
+    out = []
+    for img in images:
+        extra = ""
+        if mode == "json":
+            body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784],
+                                           "data": img.tolist()}]}).encode()
+        else:
+            head = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784],
+                                           "parameters": {"binary_data_size": 784}}],
+                               "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+            body = head + img.tobytes()
+            extra = f"Inference-Header-Content-Length: {len(head)}\r\n"
+        out.append((f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Content-Type: application/{'json' if mode == 'json' else 'octet-stream'}\r\n{extra}"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    return out
+
+
+def grpc_requests(name: str, images: np.ndarray) -> list[bytes]:
+    from resnet_edge.proto import messages
+
+    out = []
+    for img in images:
+        request = messages()["ModelInferRequest"](model_name=name)
+        request.inputs.add(name="pixels", datatype="UINT8", shape=[1, 784])
+        request.raw_input_contents.append(img.tobytes())
+        out.append(request.SerializeToString())
+    return out
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+async def _http_client(port: int, requests: list[bytes], offset: int, stop_at: float, tally: Tally) -> None:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as exc:
+        tally.errors.append(type(exc).__name__)
+        return
+    i = offset
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            if status == 200:
+                tally.latencies.append(time.perf_counter() - t0)
+            else:
+                tally.errors.append(f"HTTP {status}")
+    except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError) as exc:
+        tally.errors.append(type(exc).__name__)
+    finally:
+        writer.close()
+
+
+async def _grpc_client(channel, requests: list[bytes], offset: int, stop_at: float, tally: Tally) -> None:
+    import grpc
+
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    i = offset
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        try:
+            await call(requests[i % len(requests)], timeout=30)
+            tally.latencies.append(time.perf_counter() - t0)
+        except grpc.RpcError as exc:
+            tally.errors.append(f"gRPC {exc.code().name}")
+        i += 1
+
+
+async def run_load(modes: list[str], clients: int, seconds: float, name: str, http_port: int, grpc_port: int | None,
+                   warmup: float = 1.0) -> dict[str, dict]:
+    """``clients`` closed-loop clients for ``seconds``, spread round-robin over ``modes``; per mode:
+    requests, req/s, p50/p90/p99 ms, errors (with their kinds)."""
+    import grpc
+
+    images = test_images()
+    reqs = {m: (grpc_requests(name, images) if m == "grpc" else http_requests(m, name, http_port, images)) for m in modes}
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") if "grpc" in modes else None
+
+    def clients_for(stop_at: float, tallies: dict[str, Tally]) -> list:
+        tasks = []
+        for k in range(clients):
+            mode = modes[k % len(modes)]
+            if mode == "grpc":
+                tasks.append(_grpc_client(channel, reqs[mode], k * 7, stop_at, tallies[mode]))
+            else:
+                tasks.append(_http_client(http_port, reqs[mode], k * 7, stop_at, tallies[mode]))
+        return tasks
+
+    await asyncio.gather(*clients_for(time.perf_counter() + warmup, {m: Tally() for m in modes}))
+    tallies = {m: Tally() for m in modes}
+    t0 = time.perf_counter()
+    await asyncio.gather(*clients_for(t0 + seconds, tallies))
+    elapsed = time.perf_counter() - t0
+    if channel is not None:
+        await channel.close()
+    return {m: summarize(t, elapsed) for m, t in tallies.items()}
+
+
+def summarize(tally: Tally, elapsed: float) -> dict:
+    ms = np.array(tally.latencies) * 1e3
+    pct = (lambda q: float(np.percentile(ms, q))) if len(ms) else (lambda q: None)
+    return {"requests": len(ms), "requests_per_second": len(ms) / elapsed, "p50_ms": pct(50), "p90_ms": pct(90),
+            "p99_ms": pct(99), "errors": len(tally.errors), "error_kinds": sorted(set(tally.errors))[:10],
+            "seconds": elapsed}
+
+
+def line(label: str, r: dict) -> str:
+    if not r["requests"]:
+        return f"{label:28s} no answers; errors {r['errors']} {r['error_kinds']}"
+    return (f"{label:28s} {r['requests_per_second']:8,.0f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+            f"errors {r['errors']}{' ' + str(r['error_kinds']) if r['errors'] else ''}")
