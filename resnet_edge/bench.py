@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .contract import CHECKPOINT, EXPORT_REPORT, FP32_MODEL, INT8_MODEL, TRAIN_REPORT
+from .contract import CHECKPOINT, EXPORT_REPORT, FP16_MODEL, FP32_MODEL, INT8_MODEL, TRAIN_REPORT
 from .config import BenchConfig
 from .errors import UserError
 from .bench_report import diagnose, ratios, write_reports  # noqa: F401  (write_reports: the CLI's entry)
@@ -29,8 +29,9 @@ from .variants import recommend
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("torch", "onnx-fp32", "onnx-int8")
-FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL}
+VARIANTS = ("torch", "onnx-fp32", "onnx-int8", "onnx-fp16")
+FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL, "onnx-fp16": FP16_MODEL}
+EXPORT_SECTIONS = {"onnx-fp32": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
 
 
 def _run_cell(variant: str, model: Path, config: BenchConfig, batch_size: int) -> dict[str, Any]:
@@ -63,7 +64,8 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
 
     check_provider_available(config.provider)
     check_same_checkpoint(run_dir)
-    variants = [v for v in VARIANTS if (v != "torch" or config.torch) and (run_dir / FILES[v]).exists()]
+    variants = [v for v in VARIANTS if (v != "torch" or config.torch) and (v != "onnx-fp16" or config.measures_fp16)
+                and (run_dir / FILES[v]).exists()]
     if not any(v.startswith("onnx") for v in variants):
         raise UserError(f"{run_dir}: no {FP32_MODEL} to benchmark (run `resnet-edge export --quantize` first)")
     for v in variants:  # fail fast on a bad file, before minutes of measuring
@@ -82,7 +84,7 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
     for v in variants:
         cells = [r for r in rows if r["variant"] == v]
         acc = (train or {}).get("test_accuracy") if v == "torch" else \
-            ((export or {}).get("fp32" if v == "onnx-fp32" else "int8") or {}).get("test_accuracy")
+            ((export or {}).get(EXPORT_SECTIONS[v]) or {}).get("test_accuracy")
         per_variant[v] = {
             "file": str(run_dir / FILES[v]), "bytes": (run_dir / FILES[v]).stat().st_size, "test_accuracy": acc,
             "cold_start_ms": float(np.median([c["cold_start_ms"] for c in cells])),
@@ -122,6 +124,8 @@ def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> 
             out["onnx-int8"] = "no export.json accuracy figures for it"
         elif drop > guard + 1e-9:
             out["onnx-int8"] = f"it loses {drop:.2f} points, over the guard of {guard:g}"
+    if "onnx-fp16" in out and not (export or {}).get("fp16"):
+        out["onnx-fp16"] = "no export.json figures for it (made by another export?)"
     return out
 
 

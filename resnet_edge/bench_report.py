@@ -1,4 +1,4 @@
-"""bench's report: ratios, diagnoses of slow INT8, and the Markdown and PNG renderings of bench.json."""
+"""bench's report: ratios, diagnoses of slow INT8 and FP16, and the Markdown and PNG renderings of bench.json."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from .machine import ISA_FLAGS
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per batch size: each ONNX variant's p50 speed-up over torch eager, and INT8 over FP32."""
+    """Per batch size: each ONNX variant's p50 speed-up over torch eager, and INT8 and FP16 over FP32."""
     by = {(r["variant"], r["batch_size"]): r for r in rows}
     out = []
     for bs in sorted({r["batch_size"] for r in rows}):
-        for num, den in (("onnx-fp32", "torch"), ("onnx-int8", "torch"), ("onnx-int8", "onnx-fp32")):
+        for num, den in (("onnx-fp32", "torch"), ("onnx-int8", "torch"), ("onnx-fp16", "torch"),
+                         ("onnx-int8", "onnx-fp32"), ("onnx-fp16", "onnx-fp32")):
             if (num, bs) in by and (den, bs) in by:
                 out.append({"batch_size": bs, "variant": num, "baseline": den,
                             "speedup_p50": by[den, bs]["p50_ms"] / by[num, bs]["p50_ms"],
@@ -43,6 +44,12 @@ def diagnose(report: dict[str, Any]) -> list[str]:
             else:
                 cause = "the model is small enough that quantize/dequantize overhead outweighs the int8 math"
             notes.append(f"INT8 is {1 / r['speedup_p50']:.2f}x slower than FP32 at batch {r['batch_size']}: {cause}.")
+    for r in report["ratios"]:
+        if r["variant"] == "onnx-fp16" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
+            cause = ("ONNX Runtime's CPU provider has few tuned float16 kernels (its fast paths are float32 "
+                     "and int8); FP16 is the GPU variant" if provider in ("cpu", "CPUExecutionProvider") else
+                     "at this batch the GPU is launch-bound, not compute-bound, so half precision saves nothing")
+            notes.append(f"FP16 is {1 / r['speedup_p50']:.2f}x slower than FP32 at batch {r['batch_size']}: {cause}.")
     for v, info in report["variants"].items():
         if info.get("cpu_problem"):
             notes.append(f"{v}: {info['cpu_problem']}.")
@@ -55,7 +62,7 @@ def diagnose(report: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ rendering
-VARIANT_COLORS = {"torch": "tab:red", "onnx-fp32": "tab:blue", "onnx-int8": "tab:green"}
+VARIANT_COLORS = {"torch": "tab:red", "onnx-fp32": "tab:blue", "onnx-int8": "tab:green", "onnx-fp16": "tab:purple"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -17,7 +17,8 @@ from rich.table import Table
 from . import __version__
 from .config import (BenchConfig, EvalConfig, ExportConfig, PackageConfig, QuantizationConfig, ServerConfig, TrainConfig,
                      check_resume_epochs)
-from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, DEPLOY_DIR, EXPORT_REPORT, FP32_MODEL, INT8_MODEL
+from .contract import (BENCH_JSON, BENCH_MD, BENCH_PNG, CHECKPOINT, DEPLOY_DIR, EXPORT_REPORT, FP32_MODEL, INT8_MODEL,
+                       MODEL_FILES)
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -102,7 +103,8 @@ def _resolve_run(run: Optional[Path]) -> Path:
 
 
 VARIANT_HELP = ("Which model of the run: auto (what the run's bench.json measured fastest on this CPU, else INT8 "
-                "on CPUs with int8 dot-product instructions, else FP32) | fp32 | int8.")
+                "on CPUs with int8 dot-product instructions, else FP32; on a GPU provider FP16 if exported, else "
+                "FP32) | fp32 | int8 | fp16.")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -148,51 +150,100 @@ class RichTrainReporter:
                           f"{record['seconds']:.1f} s", highlight=False)
 
 
+class EpochLineReporter:
+    """One line per epoch, no progress bar: what rank 0 of `train --nproc` prints from its own process."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float | None, accuracy: float | None, images: int) -> None: ...
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        print(f"epoch {record['epoch']}: loss {record['loss']:.4f}, test accuracy {100 * record['test_accuracy']:.2f} %, "
+              f"{record['images_per_second']:,.0f} img/s, {record['seconds']:.1f} s", flush=True)
+
+
+RECIPE_DEFAULT = "[default: from --recipe]"
+
+
 @app.command("train")
 @user_errors
 def train_cli(
     arch: str = typer.Option(TrainConfig.arch, help="Architecture (see `resnet-edge models`)."),
-    epochs: Optional[int] = typer.Option(None, help=f"Passes over the training set [default: {TrainConfig.epochs}].", show_default=False),
-    batch_size: int = typer.Option(TrainConfig.batch_size, help="Images per step."),
-    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (one-cycle, SGD with Nesterov momentum)."),
-    device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda"),
+    recipe: str = typer.Option("default", help="default (20 epochs, batch 64) | fast (a GPU recipe: batch 512, 12 epochs, "
+                               "matched one-cycle schedule, CUDA graphs through torch.compile). Options given override it."),
+    epochs: Optional[int] = typer.Option(None, help=f"Passes over the training set {RECIPE_DEFAULT}.", show_default=False),
+    batch_size: Optional[int] = typer.Option(None, help=f"Images per step: the global batch, shared among --nproc processes {RECIPE_DEFAULT}.", show_default=False),
+    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (one-cycle, SGD with Nesterov momentum) {RECIPE_DEFAULT}.", show_default=False),
+    device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda (with several processes: the GPU of each LOCAL_RANK)"),
     data_dir: Optional[Path] = typer.Option(None, help="A folder with the four MNIST-format IDX files (gzip or raw); default: the bundled MNIST."),
     run: Optional[Path] = typer.Option(None, help="Run folder (default: exported/<arch>)."),
     seed: int = typer.Option(TrainConfig.seed, help="Random seed."),
-    resume: bool = typer.Option(False, help="Continue the run in --run from its checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in --run from its checkpoint (with any number of processes)."),
     augment: bool = typer.Option(TrainConfig.augment, help="Random rotation/scale/shift of each batch (not in the last epoch)."),
     amp: str = typer.Option(TrainConfig.amp, help="auto | bf16 | off: bf16 autocast (auto: on CUDA; the CPU trains in fp32 unless bf16 is asked for)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (worth it on CUDA)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (worth it on CUDA) [default: no; fast recipe: on CUDA with one process].", show_default=False),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs {RECIPE_DEFAULT}.".replace("{RECIPE_DEFAULT}", RECIPE_DEFAULT), show_default=False),
+    nproc: int = typer.Option(1, help="Data-parallel processes on this machine, started with torchrun's launcher (one per GPU; gloo on the CPU). Under torchrun, leave it out."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="With several processes: BatchNorm statistics of the global batch (SyncBatchNorm)."),
+    dist_timeout: float = typer.Option(TrainConfig.dist_timeout, help="Seconds a process waits for the others before the job fails."),
+    train_limit: Optional[int] = typer.Option(None, hidden=True, help="Only the first N training images (tests, rehearsals)."),
+    test_limit: Optional[int] = typer.Option(None, hidden=True, help="Only the first N test images (tests, rehearsals)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Train a ResNet on MNIST (GPU when there is one) and write checkpoint.pt and train.json."""
-    _need_torch("train")
-    from .files import ensure_writable_dir, remove_stale_temporaries, run_dir_for
-    from .train import train
+    """Train a ResNet on MNIST (GPU when there is one) and write checkpoint.pt and train.json.
 
-    config = TrainConfig(arch=arch, epochs=TrainConfig.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
-                         augment=augment, amp=amp, compile=compile,
-                         data_dir=str(data_dir) if data_dir is not None else None)
+    Several GPUs or machines: `torchrun --nproc-per-node N -m resnet_edge.cli train ...` (or --nproc N on
+    one machine); only rank 0 writes."""
+    _need_torch("train")
+    import os
+
+    from .config import train_config
+    from .files import ensure_writable_dir, remove_stale_temporaries, run_dir_for
+
+    config = train_config(recipe, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
+                          augment=augment, amp=amp, compile=compile, compile_mode=compile_mode, sync_bn=sync_bn,
+                          dist_timeout=dist_timeout, train_limit=train_limit, test_limit=test_limit,
+                          data_dir=str(data_dir) if data_dir is not None else None)
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if config.batch_size % max(nproc, 1):
+        raise UserError(f"--batch-size {config.batch_size} is the global batch; it must divide evenly among --nproc {nproc} processes")
+    if nproc > 1 and "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc starts its own processes; under torchrun leave it out (torchrun's --nproc-per-node says how many)")
+    main_rank = os.environ.get("RANK", "0") == "0"
     run_dir = run if run is not None else run_dir_for(arch)
     if resume and not (run_dir / CHECKPOINT).exists():
         raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
     if resume and epochs is not None:
         check_resume_epochs(run_dir, epochs)
-    ensure_writable_dir(run_dir)
-    remove_stale_temporaries(run_dir)
-    reporter = RichTrainReporter(quiet)
+    if main_rank:
+        ensure_writable_dir(run_dir)
+        remove_stale_temporaries(run_dir)
+    reporter = RichTrainReporter(quiet or not main_rank or nproc > 1)
     try:
-        report = train(config, run_dir, resume=resume, reporter=reporter)
+        if nproc > 1:
+            from .distributed import launch
+            from .train import train_worker
+
+            report = launch(nproc, train_worker, config, run_dir, resume, None if quiet else EpochLineReporter)
+        else:
+            from .train import train
+
+            report = train(config, run_dir, resume=resume, reporter=reporter)
     except KeyboardInterrupt:
         reporter.progress.stop()
+        if not main_rank:
+            raise typer.Exit(130)
         done = reporter.last_epoch
         err_console.print(f"interrupted: {run_dir / CHECKPOINT} holds "
                           + (f"epoch {done}; continue with `resnet-edge train --run {run_dir} --resume`" if done
-                             else "what it held before: no epoch finished"), highlight=False, soft_wrap=True)
+                             else "the last epoch saved, if any; continue with --resume"), highlight=False, soft_wrap=True)
         raise typer.Exit(130)
+    if not main_rank:
+        return
     acc = report["test_accuracy"]
+    procs = f" x {report['world_size']} processes" if report["world_size"] > 1 else ""
     console.print(f"trained {report['arch']} ({report['params']:,} parameters) for {report['epochs_done']} epochs on "
-                  f"{report['device']} in {report['seconds']:.1f} s: test accuracy "
+                  f"{report['device']}{procs} in {report['seconds']:.1f} s: test accuracy "
                   f"{100 * acc:.2f} % -> {run_dir}", highlight=False)
 
 
@@ -244,20 +295,21 @@ def export_cli(
     calibration_method: str = typer.Option(QuantizationConfig.method, help="minmax | entropy | percentile"),
     max_accuracy_drop: float = typer.Option(QuantizationConfig.max_accuracy_drop, help="Points of test accuracy INT8 may lose; worse layers stay float."),
     scheme: str = typer.Option(QuantizationConfig.scheme, help="INT8 scheme: portable (uint8 activations, weights in [-64, 64]: same accuracy on every CPU) | vnni (8-bit weights: exact only on CPUs with VNNI/AMX/ARM dotprod) | s8s8 (int8 activations)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (float16 weights and compute, float32 in and out: the GPU variant), checked against FP32 on the test set."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
     _need_torch("export", "onnxscript")
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
                                  max_accuracy_drop=max_accuracy_drop, scheme=scheme)
-    config = ExportConfig(opset=opset, quantize=quantize, quantization=qconfig if quantize else None)
+    config = ExportConfig(opset=opset, quantize=quantize, quantization=qconfig if quantize else None, fp16=fp16)
     run_dir = _resolve_run(run)
     from .export import export_run
 
     progress, open_bar = _progress_factory(quiet)
     with progress:
         report = export_run(run_dir, opset=config.opset, quantize=config.quantize, qconfig=config.quantization,
-                            progress=open_bar)
+                            progress=open_bar, fp16=config.fp16)
     _print_export(report, run_dir)
 
 
@@ -274,6 +326,10 @@ def _print_export(report: dict[str, Any], run_dir: Path) -> None:
         q = report["int8"]
         table.add_row("INT8", f"{100 * q['test_accuracy']:.2f} %", f"{100 * q['top1_agreement']:.2f} %",
                       f"{_size(q['bytes'])} ({100 * q['size_ratio']:.0f} %)", f"SQNR {q['logits_sqnr_db']:.1f} dB")
+    if "fp16" in report:
+        h = report["fp16"]
+        table.add_row("FP16", f"{100 * h['test_accuracy']:.2f} %", f"{100 * h['top1_agreement']:.2f} %",
+                      f"{_size(h['bytes'])} ({100 * h['size_ratio']:.0f} %)", f"max |diff| {h['max_abs_diff']:.1e}")
     console.print(table)
     if "int8" in report and report["int8"]["float_nodes"]:
         console.print(f"accuracy guard kept {len(report['int8']['float_nodes'])} nodes in float", highlight=False)
@@ -289,7 +345,7 @@ def eval_cli(
     provider: str = typer.Option(EvalConfig.provider, help="ONNX Runtime execution provider (cpu, cuda, or a full name)."),
     data_dir: Optional[Path] = typer.Option(None, help="MNIST-format folder (default: the bundled MNIST)."),
     batch_size: int = typer.Option(EvalConfig.batch_size, help="Images per inference call."),
-    variant: str = typer.Option(EvalConfig.variant, help=VARIANT_HELP + " all: the checkpoint and both models."),
+    variant: str = typer.Option(EvalConfig.variant, help=VARIANT_HELP + " all: the checkpoint and every model."),
 ) -> None:
     """Test accuracy and images/s of a model (.onnx through ONNX Runtime, no torch; .pt through PyTorch)."""
     from .evaluate import evaluate_file
@@ -300,7 +356,7 @@ def eval_cli(
 
         run_dir = _resolve_run(run)
         check_same_checkpoint(run_dir)
-        paths = [p for p in (run_dir / CHECKPOINT, run_dir / FP32_MODEL, run_dir / INT8_MODEL) if p.exists()
+        paths = [p for p in (run_dir / CHECKPOINT, *(run_dir / n for n in MODEL_FILES.values())) if p.exists()
                  and (p.suffix == ".onnx" or _torch_available())]
         if not paths:
             raise UserError(f"{run_dir}: nothing to evaluate (no models, and no PyTorch for the checkpoint)")
@@ -343,6 +399,7 @@ def bench_cli(
     duration: float = typer.Option(BenchConfig.duration, help="Timed seconds per cell (and at least --min-runs runs)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and torch (default: the runtime's)."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip PyTorch (and never import it)."),
+    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="Measure model.fp16.onnx (default: on GPU providers only; ONNX Runtime's CPU kernels are slow in FP16)."),
     min_runs: int = typer.Option(BenchConfig.min_runs, help="Timed runs per cell, whatever the duration."),
     out: Optional[Path] = typer.Option(None, help="Folder for bench.json/.md/.png (default: the run folder)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -356,7 +413,7 @@ def bench_cli(
                           'pip install "resnet-edge[train]" adds it)', highlight=False, soft_wrap=True)
         no_torch = True
     config = BenchConfig(provider=provider, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), duration=duration,
-                         threads=threads, torch=not no_torch, min_runs=min_runs)
+                         threads=threads, torch=not no_torch, min_runs=min_runs, fp16=fp16)
     run_dir = _resolve_run(run)
     out_dir = out or run_dir
     ensure_writable_dir(out_dir)
@@ -371,7 +428,7 @@ def bench_cli(
 def _print_bench(report: dict[str, Any]) -> None:
     m = report["machine"]
     table = Table(title=f"{report['arch']} on {report['provider']}: {m['cpu']}" + (f" / {m['gpu']}" if m["gpu"] else ""))
-    for col in ("variant", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "INT8 vs FP32"):
+    for col in ("variant", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "vs FP32"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     speed = {(r["variant"], r["baseline"], r["batch_size"]): r["speedup_p50"] for r in report["ratios"]}
     for r in report["rows"]:
@@ -541,3 +598,7 @@ def predict_cli(
         return
     for r in results:
         console.print(f"{r['path']}: {r['digit']} ({100 * max(r['probabilities']):.1f} %)", highlight=False)
+
+
+if __name__ == "__main__":  # torchrun -m resnet_edge.cli train ...
+    app(prog_name="resnet-edge")

@@ -18,7 +18,7 @@ ARCHITECTURES = {
     "resnet152": "imagenet",
 }
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-VARIANTS = ("auto", "fp32", "int8")  # which model of a run serve/predict/eval use
+VARIANTS = ("auto", "fp32", "int8", "fp16")  # which model of a run serve/predict/eval use
 MIN_QUANTIZE_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) need opset 13
 
 
@@ -38,6 +38,27 @@ def _finite(option: str, value: float) -> None:
         raise UserError(f"{option} must be a finite number, got {value}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Named recipes: TrainConfig's defaults, then these, then the options given (train_config).
+TRAIN_RECIPES: dict[str, dict[str, object]] = {
+    "default": {},
+    # For a GPU: 8x the batch with the one-cycle schedule matched to its 8x fewer steps (peak LR 2x, weight
+    # decay 2x: about the same decay per epoch), CUDA graphs through torch.compile's reduce-overhead on
+    # one CUDA process, fused SGD, bf16 autocast, channels_last. Aim: >= 99.5 % in <= 10 s of training on
+    # one H100/H200 (benchmarks/train_recipes.py).
+    "fast": {"batch_size": 512, "epochs": 12, "lr": 0.4, "weight_decay": 1e-3, "warmup_fraction": 0.25,
+             "compile": None, "compile_mode": "reduce-overhead"},
+}
+
+
+def train_config(recipe: str = "default", **options: object) -> "TrainConfig":
+    """The recipe's settings, overridden by every option that is not None (the CLI's "not given")."""
+    if recipe not in TRAIN_RECIPES:
+        raise UserError(f"--recipe must be one of {', '.join(TRAIN_RECIPES)}, got {recipe!r}")
+    settings = {**TRAIN_RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}}
+    return TrainConfig(recipe=recipe, **settings)  # type: ignore[arg-type]
+
+
 @dataclass
 class TrainConfig:
     arch: str = "resnet8"  # a name from ARCHITECTURES
@@ -54,13 +75,27 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on CUDA only; fp32 measured faster on CPU)
     channels_last: bool = True
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool | None = False  # torch.compile the model; None: only on CUDA with one process (the fast recipe)
+    compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES); reduce-overhead: CUDA graphs
     data_dir: str | None = None  # an MNIST-format folder; None: the bundled MNIST
+    recipe: str = "default"  # the TRAIN_RECIPES entry these settings started from (recorded in train.json)
+    sync_bn: bool = False  # data-parallel: BatchNorm statistics of the global batch, not of each rank's slice
+    dist_timeout: float = 600.0  # seconds any collective may wait for the other ranks before the job fails
+    train_limit: int | None = None  # only the first N training images (tests, rehearsals); None: all
+    test_limit: int | None = None  # only the first N test images; None: all
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
         _at_least("--epochs", self.epochs, 1)
         _at_least("--batch-size", self.batch_size, 1)
+        if self.recipe not in TRAIN_RECIPES:
+            raise UserError(f"--recipe must be one of {', '.join(TRAIN_RECIPES)}, got {self.recipe!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        _finite("--dist-timeout", self.dist_timeout)
+        _at_least("--dist-timeout", self.dist_timeout, 1)
+        _at_least("--train-limit", self.train_limit, 1)
+        _at_least("--test-limit", self.test_limit, 1)
         if not self.lr > 0:  # an infinite one is allowed: it is how the tests provoke a non-finite loss
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -105,6 +140,7 @@ class ExportConfig:
     opset: int = 18
     quantize: bool = False
     quantization: QuantizationConfig | None = None  # None: QuantizationConfig() when quantizing
+    fp16: bool = False  # also write model.fp16.onnx (the GPU variant)
 
     def __post_init__(self) -> None:
         if not 7 <= self.opset <= 25:
@@ -120,7 +156,7 @@ class ExportConfig:
 class EvalConfig:
     provider: str = "cpu"
     batch_size: int = 500  # images per inference call
-    variant: str = "auto"  # auto | fp32 | int8 | all (the checkpoint and both models)
+    variant: str = "auto"  # auto | fp32 | int8 | fp16 | all (the checkpoint and every model)
     data_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +174,13 @@ class BenchConfig:
     warmup: int = 20  # untimed runs per cell (and at least 0.2 s)
     threads: int | None = None  # intra-op threads (ONNX Runtime and torch); None: the runtime's default
     torch: bool = True  # measure PyTorch eager too
+    fp16: bool | None = None  # measure model.fp16.onnx; None: on GPU providers only (ORT's CPU FP16 kernels are slow)
+
+    @property
+    def measures_fp16(self) -> bool:
+        if self.fp16 is not None:
+            return self.fp16
+        return self.provider.lower() not in ("cpu", "cpuexecutionprovider")
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -163,6 +206,7 @@ class ServerConfig:
     client_timeout: float = 10.0  # seconds for a client to send its headers, and again its body
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0  # GRPCInferenceService; 0: no gRPC
 
     def __post_init__(self) -> None:
         _at_least("--max-batch-size", self.max_batch_size, 1)
@@ -170,6 +214,12 @@ class ServerConfig:
         _at_least("--max-delay-ms", self.max_delay_ms, 0)
         _at_least("--max-body-bytes", self.max_body_bytes, 1024)
         _at_least("--max-queue", self.max_queue, 1)
+        if self.max_queue < self.max_batch_size:
+            raise UserError(f"--max-queue ({self.max_queue} images) must be at least --max-batch-size ({self.max_batch_size})")
+        _at_least("--max-pending-bytes", self.max_pending_bytes, self.max_body_bytes)
+        _at_least("--max-connections", self.max_connections, 1)
+        _finite("--client-timeout", self.client_timeout)
+        _at_least("--client-timeout", self.client_timeout, 0.1)
         _at_least("--threads", self.threads, 1)
         for option, port in (("--port", self.port), ("--grpc-port", self.grpc_port)):
             if not 0 <= port <= 65535:
@@ -209,10 +259,3 @@ def check_resume_epochs(run_dir: Path, epochs: int) -> None:
     if isinstance(saved, int) and saved != epochs:
         raise UserError(f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
                         f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs")
-    grpc_port: int = 0  # GRPCInferenceService; 0: no gRPC
-        if self.max_queue < self.max_batch_size:
-            raise UserError(f"--max-queue ({self.max_queue} images) must be at least --max-batch-size ({self.max_batch_size})")
-        _at_least("--max-pending-bytes", self.max_pending_bytes, self.max_body_bytes)
-        _at_least("--max-connections", self.max_connections, 1)
-        _finite("--client-timeout", self.client_timeout)
-        _at_least("--client-timeout", self.client_timeout, 0.1)

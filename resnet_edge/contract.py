@@ -59,6 +59,7 @@ ARTIFACTS = {
     "train_report": Artifact("train.json", "train", "recipe, per-epoch history, test accuracy, machine"),
     "fp32": Artifact("model.onnx", "export", "FP32 ONNX model, parity-checked against PyTorch"),
     "int8": Artifact("model.int8.onnx", "export --quantize", "static INT8 (QDQ) model, accuracy-guarded"),
+    "fp16": Artifact("model.fp16.onnx", "export --fp16", "FP16 model for GPUs (float32 in and out), checked against FP32"),
     "export_report": Artifact("export.json", "export", "parity, accuracy, agreement, sizes, INT8 scheme, machine"),
     "bench_json": Artifact("bench.json", "bench", "every cell, ratios, recommendation, machine"),
     "bench_md": Artifact("bench.md", "bench", "the same as a Markdown report"),
@@ -69,12 +70,13 @@ CHECKPOINT = ARTIFACTS["checkpoint"].name
 TRAIN_REPORT = ARTIFACTS["train_report"].name
 FP32_MODEL = ARTIFACTS["fp32"].name
 INT8_MODEL = ARTIFACTS["int8"].name
+FP16_MODEL = ARTIFACTS["fp16"].name
 EXPORT_REPORT = ARTIFACTS["export_report"].name
 BENCH_JSON = ARTIFACTS["bench_json"].name
 BENCH_MD = ARTIFACTS["bench_md"].name
 BENCH_PNG = ARTIFACTS["bench_png"].name
 DEPLOY_DIR = ARTIFACTS["deploy"].name
-MODEL_FILES = {"fp32": FP32_MODEL, "int8": INT8_MODEL}  # deployable variants
+MODEL_FILES = {"fp32": FP32_MODEL, "int8": INT8_MODEL, "fp16": FP16_MODEL}  # deployable variants
 # Inside deploy/ (written by `package`): a Triton repository, a KServe manifest, ORT-format models.
 TRITON_DIR = "triton"
 TRITON_CONFIG = "config.pbtxt"

@@ -266,13 +266,22 @@ class DeviceBatches:
 def random_affine(x: "torch.Tensor", generator: "torch.Generator", max_degrees: float = 10.0,
                   max_scale: float = 0.1, max_shift: float = 0.1) -> "torch.Tensor":
     """Random rotation, scaling and shift per image, applied to the batch in one grid_sample."""
+    import torch
+
+    return affine_from_draws(x, torch.rand(x.shape[0], 4, device=x.device, generator=generator),
+                             max_degrees, max_scale, max_shift)
+
+
+def affine_from_draws(x: "torch.Tensor", draws: "torch.Tensor", max_degrees: float = 10.0,
+                      max_scale: float = 0.1, max_shift: float = 0.1) -> "torch.Tensor":
+    """``random_affine`` with its uniform [0, 1) draws given ([N, 4]): a rank of a data-parallel run
+    draws them for the whole global batch, as one process would, and applies its own slice."""
     import math
 
     import torch
     import torch.nn.functional as F
 
-    n = x.shape[0]
-    r = torch.rand(n, 4, device=x.device, generator=generator) * 2 - 1  # uniform in [-1, 1]
+    r = draws * 2 - 1  # uniform in [-1, 1]
     angle = r[:, 0] * math.radians(max_degrees)
     scale = 1 + r[:, 1] * max_scale
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale

@@ -23,8 +23,8 @@ import onnx
 import torch
 from torch import nn
 
-from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, FP32_MODEL, INPUT_NAME,
-                       INPUT_SHAPE, INT8_MODEL, LABELS, NUM_CLASSES, OUTPUT_NAME)
+from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, FP16_MODEL, FP32_MODEL,
+                       INPUT_NAME, INPUT_SHAPE, INT8_MODEL, LABELS, NUM_CLASSES, OUTPUT_NAME)
 from .errors import UserError
 from .files import atomic_path, write_json
 from .runtime import create_session
@@ -161,8 +161,9 @@ BENCH_FILES = (BENCH_JSON, BENCH_MD, BENCH_PNG)
 
 
 def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = False,
-               qconfig: Any = None, progress: Any = None) -> dict[str, Any]:
-    """The `export` stage: checkpoint.pt -> model.onnx (checked) [-> model.int8.onnx (guarded)] + export.json.
+               qconfig: Any = None, progress: Any = None, fp16: bool = False) -> dict[str, Any]:
+    """The `export` stage: checkpoint.pt -> model.onnx (checked) [-> model.int8.onnx (guarded)]
+    [-> model.fp16.onnx (checked)] + export.json.
 
     Everything is made in a staging folder inside the run and moved into place only when all of it
     passed its checks: stale files of an earlier export (an INT8 model or export.json from another
@@ -182,11 +183,12 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
     remove_stale_temporaries(run_dir)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
         stage = Path(tmp)
-        report = _export_to(stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress)
+        report = _export_to(stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress,
+                            fp16=fp16)
         # Every file of the previous export goes before any new one comes in (the report first: it vouches
         # for the models; bench results measured other files). Stopped anywhere in between, the run holds
         # a subset of one export, never files of two.
-        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_MODEL, FP32_MODEL) if (run_dir / n).exists()]
+        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_MODEL, FP16_MODEL, FP32_MODEL) if (run_dir / n).exists()]
         report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
         if (run_dir / DEPLOY_DIR).is_dir():  # `package` copies of the old models
             report["removed_stale"].append(DEPLOY_DIR)
@@ -196,7 +198,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
             (run_dir / name).unlink()
         if DEPLOY_DIR in report["removed_stale"]:
             shutil.rmtree(run_dir / DEPLOY_DIR)
-        for name in (FP32_MODEL, INT8_MODEL, EXPORT_REPORT):
+        for name in (FP32_MODEL, INT8_MODEL, FP16_MODEL, EXPORT_REPORT):
             if (stage / name).exists():
                 os.replace(stage / name, run_dir / name)
         shutil.rmtree(stage, ignore_errors=True)
@@ -215,7 +217,7 @@ def _check_scheme_measurable(name: str) -> None:
 
 
 def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, quantize: bool, qconfig: Any,
-               progress: Any) -> dict[str, Any]:
+               progress: Any, fp16: bool = False) -> dict[str, Any]:
     """Write model.onnx [and model.int8.onnx] into ``stage``; return export.json's content (paths final)."""
     from .contract import to_pixels
     from .data import load_dataset
@@ -247,7 +249,7 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
         "parity": [{"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal}
                    for r in parity],
         "parity_tolerance": PARITY_ATOL,
-        "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize},
+        "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize, "fp16": fp16},
         "versions": versions(include_torch=True),
         # Accuracy figures below were measured with ONNX Runtime on this machine's CPU.
         "evaluated_on": machine(gpu=False),
@@ -273,4 +275,18 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
 
         fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels)
         report["fp32"].update(test_accuracy=fp32.accuracy, images_per_second=fp32.images_per_second)
+    if fp16:
+        report["fp16"] = _export_fp16(fp32_path, stage / FP16_MODEL, run_dir, test_pixels, test_labels, meta)
     return report
+
+
+def _export_fp16(fp32_path: Path, fp16_path: Path, run_dir: Path, images: np.ndarray, labels: np.ndarray,
+                 meta: dict[str, str]) -> dict[str, Any]:
+    from . import fp16
+
+    r = fp16.write_fp16(fp32_path, fp16_path, images, labels, meta)
+    return {"path": str(run_dir / FP16_MODEL), "bytes": fp16_path.stat().st_size,
+            "size_ratio": fp16_path.stat().st_size / fp32_path.stat().st_size,
+            **{k: v for k, v in asdict(r).items() if k != "fp32_accuracy"},
+            "guard": {"min_top1_agreement": fp16.MIN_TOP1_AGREEMENT, "max_accuracy_drop": fp16.MAX_ACCURACY_DROP},
+            "io_dtype": "float32", "checked_on": "CPUExecutionProvider (slow in FP16; FP16 is for GPUs)"}

@@ -3,8 +3,9 @@
 Order of evidence for `serve`, `predict` and `eval` (unless --variant or --model says otherwise):
 1. the run's bench.json, when it was measured on this CPU model with the same ISA flags and the same
    execution provider: its recommendation for the workload (batch-1 latency or large-batch throughput);
-2. otherwise INT8 on a CPU with int8 dot-product instructions (VNNI, AMX, ARM dotprod), FP32 elsewhere
-   and on GPUs (QDQ INT8 has no CUDA kernels; see bench's diagnoses).
+2. otherwise, on the CPU provider: INT8 on a CPU with int8 dot-product instructions (VNNI, AMX, ARM
+   dotprod), FP32 elsewhere (never FP16: ONNX Runtime's CPU kernels are slow in it); on a GPU provider:
+   FP16 when the run has it, else FP32 (QDQ INT8 has no CUDA kernels; see bench's diagnoses).
 An INT8 model that would saturate on this CPU, or a pair of models made from different checkpoints,
 is never picked silently. Torch-free.
 """
@@ -26,13 +27,13 @@ from .machine import CpuInfo, cpu_info
 log = logging.getLogger(__name__)
 
 FILES = MODEL_FILES  # variant -> file name in the run folder
-BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8"}
+BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8", "fp16": "onnx-fp16"}
 
 
 @dataclass(frozen=True)
 class Choice:
     path: Path
-    variant: str  # fp32 | int8 | file (a --model path)
+    variant: str  # fp32 | int8 | fp16 | file (a --model path)
     reason: str
 
 
@@ -111,74 +112,86 @@ def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughp
     cpu = cpu or cpu_info()
     if variant != "auto":
         if variant not in available:
-            raise UserError(f"{run_dir}: no {FILES[variant]} (run `resnet-edge export"
-                            + (" --quantize" if variant == "int8" else "") + "` first)")
+            flag = {"int8": " --quantize", "fp16": " --fp16"}.get(variant, "")
+            raise UserError(f"{run_dir}: no {FILES[variant]} (run `resnet-edge export{flag}` first)")
         return Choice(available[variant], variant, f"--variant {variant}")
-    if "int8" not in available:
-        return Choice(available["fp32"], "fp32", "the run has no INT8 model")
-    if "fp32" not in available:
-        return Choice(available["int8"], "int8", "the run has no FP32 model")
+    if len(available) == 1:
+        only = next(iter(available))
+        return Choice(available[only], only, f"the run has only the {only.upper()} model")
     from .int8 import cpu_problem
     from .runtime import check_model_file, provider_name
 
-    if runs_int8_on_cpu(provider) and cpu_problem(check_model_file(available["int8"]), cpu):
+    if "int8" in available and runs_int8_on_cpu(provider) and cpu_problem(check_model_file(available["int8"]), cpu):
         return Choice(available["fp32"], "fp32", "the INT8 model needs int8 dot-product instructions this CPU lacks")
     measured = bench_recommendation(run_dir, workload, provider, cpu)
     if measured:
         return Choice(available[measured[0]], measured[0], measured[1])
     if provider_name(provider) != "CPUExecutionProvider":
+        if "fp16" in available:
+            return Choice(available["fp16"], "fp16", f"a GPU provider ({provider}) and no bench.json measured here: "
+                          "FP16 is the GPU's low-precision variant (`resnet-edge bench` measures)")
         return Choice(available["fp32"], "fp32", f"no bench.json measured here on {provider}; QDQ INT8 runs its "
                       "quantized operators on the CPU with most GPU providers")
-    if cpu.int8_dot_product:
+    if "int8" in available and cpu.int8_dot_product:
         return Choice(available["int8"], "int8", "this CPU has int8 dot-product instructions "
                       f"({cpu.isa_summary}); no bench.json measured on it (`resnet-edge bench` measures)")
-    return Choice(available["fp32"], "fp32", "this CPU has no int8 dot-product instructions (VNNI/AMX/dotprod), "
-                  "where INT8 is often no faster; no bench.json measured on it (`resnet-edge bench` measures)")
+    if "int8" in available:
+        return Choice(available["fp32"], "fp32", "this CPU has no int8 dot-product instructions (VNNI/AMX/dotprod), "
+                      "where INT8 is often no faster; no bench.json measured on it (`resnet-edge bench` measures)")
+    return Choice(available["fp32"], "fp32", "FP32 on the CPU provider: ONNX Runtime's CPU kernels are slow in FP16")
 
 
 def recommend(rows: list[dict[str, Any]], eligible: dict[str, str | None], min_margin: float = 1.05) -> dict[str, Any]:
     """Per workload, the fastest eligible ONNX variant at its batch size, from bench rows.
 
-    ``eligible`` maps a bench variant name to None (eligible) or the reason it is not. INT8 must beat
-    FP32 by ``min_margin`` (5 %, beyond run-to-run noise) to be recommended: a tie goes to FP32, which
-    needs no accuracy caveat.
+    ``eligible`` maps a bench variant name to None (eligible) or the reason it is not. A low-precision
+    variant (INT8, FP16) must beat FP32 by ``min_margin`` (5 %, beyond run-to-run noise) to be
+    recommended: a tie goes to FP32, which needs no accuracy caveat. So QDQ INT8 on a GPU, where its
+    operators fall back to the CPU, is recommended only when it was measured faster there.
     """
     out: dict[str, Any] = {}
     batches = sorted({r["batch_size"] for r in rows})
-    if not batches:
-        return out
-    for workload, bs in (("latency", batches[0]), ("throughput", batches[-1])):
+    for workload, bs in (("latency", batches[0]), ("throughput", batches[-1])) if batches else ():
         cells = {r["variant"]: r for r in rows if r["batch_size"] == bs and r["variant"] in BENCH_NAMES.values()}
-        fp32, int8 = cells.get("onnx-fp32"), cells.get("onnx-int8")
-        if fp32 is None and int8 is None:
-            continue
-        entry: dict[str, Any] = {"batch_size": bs}
-        if int8 is not None and fp32 is not None:
-            speedup = fp32["p50_ms"] / int8["p50_ms"]
-            entry["int8_vs_fp32"] = speedup
-            if eligible.get("onnx-int8") is not None:
-                entry.update(variant="onnx-fp32", why=f"INT8 not eligible: {eligible['onnx-int8']}")
-            elif speedup >= min_margin:
-                entry.update(variant="onnx-int8", why=f"INT8 {speedup:.2f}x faster than FP32 at batch {bs} (p50)")
-            else:
-                entry.update(variant="onnx-fp32",
-                             why=f"INT8 is {speedup:.2f}x FP32 at batch {bs} (p50), under the {min_margin:.2f}x "
-                                 "needed to be worth its accuracy risk")
-        elif fp32 is not None:
-            entry.update(variant="onnx-fp32", why="the only ONNX variant measured")
-        elif eligible.get("onnx-int8") is None:
-            entry.update(variant="onnx-int8", why="the only ONNX variant measured")
-        else:
-            continue
-        out[workload] = entry
+        entry = _recommend_cell(cells, eligible, bs, min_margin)
+        if entry:
+            out[workload] = {"batch_size": bs, **entry}
     return out
+
+
+def _recommend_cell(cells: dict[str, dict[str, Any]], eligible: dict[str, str | None], bs: int,
+                    min_margin: float) -> dict[str, Any] | None:
+    fp32 = cells.get("onnx-fp32")
+    low = {v: c for v, c in cells.items() if v != "onnx-fp32"}
+    if fp32 is None:
+        fine = [v for v in low if eligible.get(v) is None]
+        return {"variant": fine[0], "why": "the only ONNX variant measured"} if len(low) == 1 and fine else None
+    entry: dict[str, Any] = {}
+    best, best_speedup, why_not = "onnx-fp32", 1.0, []
+    for v, cell in sorted(low.items()):
+        label = v.removeprefix("onnx-").upper()
+        speedup = fp32["p50_ms"] / cell["p50_ms"]
+        entry[f"{v.removeprefix('onnx-')}_vs_fp32"] = speedup
+        if eligible.get(v) is not None:
+            why_not.append(f"{label} not eligible: {eligible[v]}")
+        elif speedup < min_margin:
+            why_not.append(f"{label} is {speedup:.2f}x FP32 at batch {bs} (p50), under the {min_margin:.2f}x "
+                           "needed to be worth its accuracy risk")
+        elif speedup > best_speedup:
+            best, best_speedup = v, speedup
+    if best == "onnx-fp32":
+        entry.update(variant=best, why="; ".join(why_not) or "the only ONNX variant measured")
+    else:
+        label = best.removeprefix("onnx-").upper()
+        entry.update(variant=best, why=f"{label} {best_speedup:.2f}x faster than FP32 at batch {bs} (p50)")
+    return entry
 
 
 def choose_repository_model(repository: Path, name: str | None, provider: str = "cpu",
                             cpu: CpuInfo | None = None) -> Choice:
     """The model of a Triton repository that `serve --repository` serves (``Choice.variant`` is its
     name): --model-name; else its only model; else by the rule without a bench: INT8 (``<arch>_int8``)
-    on a CPU with int8 dot-product instructions, FP32 elsewhere and on GPU providers."""
+    on a CPU with int8 dot-product instructions, FP16 (``<arch>_fp16``) on GPU providers, FP32 elsewhere."""
     models = repository_models(repository)
     if name is not None:
         if name not in models:
@@ -188,13 +201,17 @@ def choose_repository_model(repository: Path, name: str | None, provider: str = 
         only = next(iter(models))
         return Choice(models[only], only, "the repository's only model")
     int8 = [m for m in models if m.endswith("_int8")]
-    fp32 = [m for m in models if not m.endswith("_int8")]
+    fp16 = [m for m in models if m.endswith("_fp16")]
+    fp32 = [m for m in models if m not in int8 and m not in fp16]
     from .runtime import provider_name
 
     cpu = cpu or cpu_info()
-    if int8 and provider_name(provider) == "CPUExecutionProvider" and cpu.int8_dot_product:
+    on_cpu = provider_name(provider) == "CPUExecutionProvider"
+    if int8 and on_cpu and cpu.int8_dot_product:
         return Choice(models[int8[0]], int8[0], "this CPU has int8 dot-product instructions; --model-name chooses")
-    pick = (fp32 or int8)[0]
+    if fp16 and not on_cpu:
+        return Choice(models[fp16[0]], fp16[0], f"FP16 on a GPU provider ({provider}); --model-name chooses")
+    pick = (fp32 or int8 or fp16)[0]
     return Choice(models[pick], pick, "FP32 on this CPU/provider by default; --model-name chooses")
 
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_edge"
 
 # Each stage is the module(s) behind one command; a stage may use the library, never another stage.
 STAGES = {
-    "train": {"train"},
+    "train": {"train", "distributed"},
     "export": {"export"},
     "eval": {"evaluate"},
     "bench": {"bench", "bench_worker", "bench_report"},
