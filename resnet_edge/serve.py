@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .config import ServerConfig
 from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction
@@ -130,11 +132,13 @@ class DynamicBatcher:
         self.pending += 1
         self.pending_rows += n
         try:
+            if len(futures) == 1:
+                return await futures[0]
             parts = await asyncio.gather(*futures)
         finally:
             self.pending -= 1
             self.pending_rows -= n
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return np.concatenate(parts)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if not self.io_binding:
@@ -250,6 +254,7 @@ class ServerState:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="requests")
         self.processes: concurrent.futures.ProcessPoolExecutor | None = None  # started at the first large JSON body
         self.pending_bytes = 0
+        self.bytes_lock = threading.Lock()
         self.fatal: str | None = None
         self.stop_server: Callable[[], None] | None = None  # set by serve(): ends uvicorn
 
@@ -276,10 +281,16 @@ class ServerState:
             raise RequestError(503, "the request parser stopped; retry later") from None
 
     def take_bytes(self, n: int) -> None:
-        if self.pending_bytes + n > self.config.max_pending_bytes:
-            raise Busy(f"server busy: {self.pending_bytes} bytes of requests in flight (limit "
-                       f"{self.config.max_pending_bytes}); retry later")
-        self.pending_bytes += n
+        """Count ``n`` request bytes in flight (HTTP and gRPC threads); Busy past --max-pending-bytes."""
+        with self.bytes_lock:
+            if self.pending_bytes + n > self.config.max_pending_bytes:
+                raise Busy(f"server busy: {self.pending_bytes} bytes of requests in flight (limit "
+                           f"{self.config.max_pending_bytes}); retry later")
+            self.pending_bytes += n
+
+    def give_bytes(self, n: int) -> None:
+        with self.bytes_lock:
+            self.pending_bytes -= n
 
     def died(self, reason: str) -> None:
         """The batcher stopped for good: not ready at once, exit (status 1) shortly after."""
@@ -430,7 +441,7 @@ def _memory_report(provider: str) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def _body(request: Request, state: ServerState):
     """The request body, counted against --max-pending-bytes until the response; 413 past
-    --max-body-bytes (by Content-Length or while streaming), 408 when slower than --client-timeout."""
+    --max-body-bytes (by Content-Length or while streaming)."""
     limit = state.config.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None:
@@ -458,12 +469,12 @@ async def _body(request: Request, state: ServerState):
                 chunks.append(chunk)
 
         try:
-            await asyncio.wait_for(read(), state.config.client_timeout)
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"request body not received within {state.config.client_timeout:g} s") from None
+            await read()  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
+        except ClientDisconnect:
+            raise RequestError(400, "the client went away before sending the whole body") from None
         yield b"".join(chunks)
     finally:
-        state.pending_bytes -= taken
+        state.give_bytes(taken)
 
 
 def _add_inference_routes(app: Any, state: ServerState) -> None:
@@ -526,9 +537,10 @@ async def _multipart_file(request: Any, raw: bytes) -> bytes:
 
 # ------------------------------------------------------------------------------------------ running it
 def _guarded_http(client_timeout: float) -> type:
-    """uvicorn's httptools protocol with what it lacks against slow or greedy clients: the request line
-    and headers must arrive within ``client_timeout`` seconds and MAX_HEADER_BYTES, else the
-    connection is closed (an idle keep-alive connection is closed by uvicorn's timeout_keep_alive)."""
+    """uvicorn's httptools protocol with what it lacks against slow or greedy clients: a request (line,
+    headers and body) must arrive within ``client_timeout`` seconds, its headers within
+    MAX_HEADER_BYTES, else the connection is closed (an idle keep-alive connection is closed by
+    uvicorn's timeout_keep_alive). One timer per request, no task."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttp(HttpToolsProtocol):
@@ -538,33 +550,33 @@ def _guarded_http(client_timeout: float) -> type:
             self._arm()
 
         def _arm(self) -> None:
-            self._header_bytes = 0
+            self._header_bytes, self._in_headers, self._since_arm = 0, True, 0
             self._guard = self.loop.call_later(client_timeout, self._too_slow)
 
         def _too_slow(self) -> None:
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._arm()  # a response is on its way: not the client's fault
+            if self._since_arm == 0 and self.cycle is not None and not self.cycle.response_complete:
+                self._arm()  # a response is on its way and nothing of a next request came: not the client's fault
             else:
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             completed = self._completed
+            self._since_arm += len(data)
             super().data_received(data)
-            if self._guard is not None and self._completed == completed:  # headers still incomplete after this data
+            if self._in_headers and self._completed == completed:  # headers still incomplete after this data
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self.transport.close()
 
         def on_headers_complete(self) -> None:
-            if self._guard is not None:
-                self._guard.cancel()
-                self._guard = None
+            self._in_headers = False
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._completed += 1
-            self._arm()
+            self._guard.cancel()
+            self._arm()  # for the next request on this connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._guard is not None:

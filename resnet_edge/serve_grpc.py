@@ -206,10 +206,16 @@ class GrpcServer:
 
     async def _model_infer(self, request: Any) -> Any:
         self._check_model(request.model_name, request.model_version)
-        raw = sum(len(b) for b in request.raw_input_contents)
-        parsed = await self.state.work(grpc_infer_request, request, size=raw if raw else 10**9)
-        main_loop = self.state.loop
-        if main_loop is None or not self.state.ready:
-            raise RequestError(503, "not ready")
-        logits = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.state.infer(parsed.pixels), main_loop))
-        return grpc_infer_response(self.config.model_name, parsed, logits)
+        size = request.ByteSize()
+        self.state.take_bytes(size)  # the same budget as HTTP bodies (--max-pending-bytes)
+        try:
+            raw = sum(len(b) for b in request.raw_input_contents)
+            parsed = await self.state.work(grpc_infer_request, request, size=raw if raw else 10**9)
+            main_loop = self.state.loop
+            if main_loop is None or not self.state.ready:
+                raise RequestError(503, "not ready")
+            future = asyncio.run_coroutine_threadsafe(self.state.infer(parsed.pixels), main_loop)
+            logits = await asyncio.wrap_future(future)
+            return grpc_infer_response(self.config.model_name, parsed, logits)
+        finally:
+            self.state.give_bytes(size)
