@@ -224,10 +224,13 @@ def check_batching(session: Any, max_batch_size: int) -> None:
                         f"dynamic batch dimension" + (" (or serve it with --max-batch-size 1)" if dim == 1 else ""))
     if max_batch_size == 1:
         return
-    probe = np.random.default_rng(0).random((4, *INPUT_SHAPE), dtype=np.float32)
+    probe = np.stack([np.zeros(INPUT_SHAPE, np.float32), np.ones(INPUT_SHAPE, np.float32),
+                      np.random.default_rng(0).random(INPUT_SHAPE, dtype=np.float32),
+                      np.tril(np.ones(INPUT_SHAPE, np.float32))])  # four inputs no model confuses
     together = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
     alone = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: probe[i:i + 1]})[0] for i in range(4)])
-    if together.shape != (4, NUM_CLASSES) or not np.allclose(together, alone, rtol=1e-3, atol=1e-3):
+    tolerance = 0.02 * max(1.0, float(np.abs(alone).max()))  # batch-size effects of FP16 or INT8 kernels pass
+    if together.shape != (4, NUM_CLASSES) or not np.abs(together - alone).max() <= tolerance:
         raise UserError(f"the model does not answer one row per input row (a batch of 4 gave {together.shape} "
                         f"outputs that differ from the rows run alone); refusing to batch callers together")
 
