@@ -168,7 +168,7 @@ RECIPE_DEFAULT = "[default: from --recipe]"
 @user_errors
 def train_cli(
     arch: str = typer.Option(TrainConfig.arch, help="Architecture (see `resnet-edge models`)."),
-    recipe: str = typer.Option("default", help="default (20 epochs, batch 64) | fast (a GPU recipe: batch 512, 12 epochs, "
+    recipe: str = typer.Option("default", help="default (20 epochs, batch 64) | fast (a GPU recipe: batch 256, 10 epochs, "
                                "matched one-cycle schedule, CUDA graphs through torch.compile). Options given override it."),
     epochs: Optional[int] = typer.Option(None, help=f"Passes over the training set {RECIPE_DEFAULT}.", show_default=False),
     batch_size: Optional[int] = typer.Option(None, help=f"Images per step: the global batch, shared among --nproc processes {RECIPE_DEFAULT}.", show_default=False),

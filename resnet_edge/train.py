@@ -13,6 +13,7 @@ writes. Nothing saved depends on the world size, so a run may resume with anothe
 from __future__ import annotations
 
 import contextlib
+import io
 import copy
 import dataclasses
 import logging
@@ -197,7 +198,7 @@ def _setup(config: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, data
     batches = ShardedBatches(dataset.train_images, dataset.train_labels, min(config.batch_size, len(dataset.train_images)),
                              device, generator, world, augment=config.augment)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * len(batches), pct_start=config.warmup_fraction,
+        optimizer, max_lr=config.lr, total_steps=config.epochs * len(batches), pct_start=_warmup_fraction(config, len(batches)),
         anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0, three_phase=False, cycle_momentum=False)
     s = _Session(
         config, run_dir, world, device, autocast_dtype(config, device),
@@ -207,6 +208,15 @@ def _setup(config: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, data
     if ckpt is not None:
         _restore(s, ckpt)
     return s
+
+
+def _warmup_fraction(config: TrainConfig, steps_per_epoch: int) -> float:
+    """The recipe's warm-up share, but at least one step up and one down: OneCycleLR divides by both."""
+    total = config.epochs * steps_per_epoch
+    if total < 3:
+        raise UserError(f"the one-cycle schedule needs at least 3 steps; this run has {total} "
+                        "(give more --epochs or images, or a smaller --batch-size)")
+    return min(max(config.warmup_fraction, 2 / total), (total - 1) / total)
 
 
 def _restore(s: _Session, ckpt: dict[str, Any]) -> None:
@@ -310,8 +320,10 @@ def _save(s: _Session, epoch: int) -> dict[str, Any]:
         "scheduler": s.scheduler.state_dict(), "rng": _rng_state(s.generator), "epoch": epoch,
         "history": s.history, "seconds": s.seconds, "dataset": s.dataset_name,
     }
+    buffer = io.BytesIO()  # serialized in memory, written by Python: a full disk or a file-size limit is an
+    torch.save(state, buffer)  # OSError (one line), not the RuntimeError torch's own file writer raises
     with atomic_path(s.run_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     report = _report(s)
     write_json(s.run_dir / TRAIN_REPORT, report)
     return report
@@ -400,7 +412,8 @@ def _schedule(s: _Session) -> dict[str, Any]:
     total = s.config.epochs * len(s.batches)
     return {"kind": "one-cycle, linear", "optimizer": f"SGD, Nesterov momentum {s.config.momentum}",
             "peak_lr": s.config.lr, "initial_lr": s.config.lr / 10, "final_lr": s.config.lr / 1000,
-            "warmup_steps": round(s.config.warmup_fraction * total), "steps_per_epoch": len(s.batches), "total_steps": total}
+            "warmup_steps": round(_warmup_fraction(s.config, len(s.batches)) * total), "steps_per_epoch": len(s.batches),
+            "total_steps": total}
 
 
 def _report(s: _Session) -> dict[str, Any]:

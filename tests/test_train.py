@@ -84,3 +84,55 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, small_mni
         train(_cfg(epochs=1, lr=float("inf")), run, dataset=small_mnist)
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fast_recipe_runs_on_the_cpu_and_is_recorded(tmp_path):
+    """--recipe fast is a GPU recipe, but it runs anywhere (no compilation on the CPU); train.json says
+    which recipe ran, with which batch and schedule, and an option given overrides the recipe."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from resnet_edge.cli import app
+    from resnet_edge.config import TRAIN_RECIPES
+
+    fast = TRAIN_RECIPES["fast"]
+
+    args = ["train", "--recipe", "fast", "--device", "cpu", "--epochs", "2", "--train-limit", "1024",
+            "--test-limit", "256", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "fast")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "fast" / "train.json").read_text())
+    assert report["recipe"] == "fast" and report["config"]["recipe"] == "fast"
+    assert report["distributed"]["global_batch_size"] == fast["batch_size"] != TrainConfig.batch_size
+    assert report["lr_schedule"]["peak_lr"] == fast["lr"] != TrainConfig.lr
+    assert report["config"]["weight_decay"] == fast["weight_decay"] != TrainConfig.weight_decay
+    assert report["lr_schedule"]["total_steps"] == 2 * (1024 // fast["batch_size"])  # 1,024 images, 2 epochs
+    assert report["compiled"] is None  # compilation is for one CUDA process
+    assert set(report["this_process"]) == {"setup_seconds", "compile_seconds", "wall_seconds"}
+    assert report["history"][0]["elapsed"] > 0
+    result = CliRunner().invoke(app, [*args, "--batch-size", "128", "--run", str(tmp_path / "b128")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b128" / "train.json").read_text())
+    assert report["config"]["batch_size"] == 128 and report["lr_schedule"]["peak_lr"] == fast["lr"]
+
+
+def test_recipe_and_compile_mistakes_are_one_line():
+    from helpers import error_line
+
+    assert "--recipe must be one of default, fast" in error_line(["train", "--recipe", "fastest"])
+    assert "--compile-mode must be one of" in error_line(["train", "--compile-mode", "turbo"])
+
+
+def test_compile_warm_up_changes_nothing_it_computes(tmp_path, small_mnist, monkeypatch):
+    """The compilation warm-up (a few real steps, timed apart) puts weights, optimizer and data order
+    back: with torch.compile replaced by the identity, a 'compiled' run ends bit for bit where a plain
+    one does."""
+    plain = train(_cfg(epochs=1), tmp_path / "plain", dataset=small_mnist)
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    compiled = train(_cfg(epochs=1, compile=True), tmp_path / "compiled", dataset=small_mnist)
+    assert plain["compiled"] is None and compiled["compiled"] == "default"
+    assert compiled["this_process"]["compile_seconds"] > 0
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
