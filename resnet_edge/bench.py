@@ -10,7 +10,6 @@ benchmark.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from .bench_report import diagnose, ratios, write_reports  # noqa: F401  (write_
 from .machine import machine
 from .variants import recommend
 
-log = logging.getLogger(__name__)
 
 VARIANTS = ("torch", "onnx-fp32", "onnx-int8", "onnx-fp16")
 FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL, "onnx-fp16": FP16_MODEL}
@@ -129,9 +127,10 @@ def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> 
     return out
 
 
-def float_convolutions(int8_path: Path) -> dict[str, int]:
+def float_convolutions(int8_path: Path) -> dict[str, int] | None:
     """After ONNX Runtime's CPU graph optimizations, how many convolutions run in int8 (QLinearConv)
-    and how many stay float Conv between DequantizeLinear and QuantizeLinear."""
+    and how many stay float Conv between DequantizeLinear and QuantizeLinear. None when the optimized
+    graph cannot be written to a temporary file (disk full, a file-size limit): a diagnosis, not a figure."""
     import tempfile
 
     import onnx
@@ -141,8 +140,11 @@ def float_convolutions(int8_path: Path) -> dict[str, int]:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
+        try:  # the model itself loaded before measuring: a failure here is the write
+            ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+            graph = onnx.load(options.optimized_model_filepath).graph
+        except Exception:  # noqa: BLE001 - ONNX Runtime's error classes derive from Exception only
+            return None
     ops = [n.op_type for n in graph.node]
     float_conv = sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
     return {"int8": sum(op in ("QLinearConv", "NhwcQLinearConv") for op in ops), "float": float_conv}
