@@ -30,7 +30,8 @@ def run(nproc: int, device: str, run_dir: Path, extra: list[str], timeout: float
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     wall = time.perf_counter() - t0
-    row = {"nproc": nproc, "command": " ".join(cmd[1:]), "process_seconds": round(wall, 2), "ok": proc.returncode == 0}
+    row = {"nproc": nproc, "command": " ".join(cmd[1:]), "process_seconds": round(wall, 2), "ok": proc.returncode == 0,
+           "load_average_after": os.getloadavg()}  # other work on the machine slows multi-threaded runs most
     if proc.returncode != 0:
         row["error"] = (proc.stderr or proc.stdout).strip()[-2000:]
         return row
@@ -56,7 +57,7 @@ def main() -> None:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     result = {"device": args.device, "arch": arch, "options": args.extra,
               "cpu_model": next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), None),
-              "cores": os.cpu_count(), "runs": []}
+              "cores": os.cpu_count(), "load_average_before": os.getloadavg(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in dict.fromkeys((1, args.nproc)):
             result["runs"].append(run(nproc, args.device, Path(tmp) / f"n{nproc}", args.extra, args.timeout))

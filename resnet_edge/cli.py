@@ -161,7 +161,7 @@ class EpochLineReporter:
               f"{record['images_per_second']:,.0f} img/s, {record['seconds']:.1f} s", flush=True)
 
 
-RECIPE_DEFAULT = "[default: from --recipe]"
+RECIPE_DEFAULT = "(default: from --recipe)"
 
 
 @app.command("train")
@@ -180,7 +180,7 @@ def train_cli(
     resume: bool = typer.Option(False, help="Continue the run in --run from its checkpoint (with any number of processes)."),
     augment: bool = typer.Option(TrainConfig.augment, help="Random rotation/scale/shift of each batch (not in the last epoch)."),
     amp: str = typer.Option(TrainConfig.amp, help="auto | bf16 | off: bf16 autocast (auto: on CUDA; the CPU trains in fp32 unless bf16 is asked for)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (worth it on CUDA) [default: no; fast recipe: on CUDA with one process].", show_default=False),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (worth it on CUDA) (default: no; fast recipe: on CUDA with one process).", show_default=False),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs {RECIPE_DEFAULT}.".replace("{RECIPE_DEFAULT}", RECIPE_DEFAULT), show_default=False),
     nproc: int = typer.Option(1, help="Data-parallel processes on this machine, started with torchrun's launcher (one per GPU; gloo on the CPU). Under torchrun, leave it out."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="With several processes: BatchNorm statistics of the global batch (SyncBatchNorm)."),
@@ -191,8 +191,8 @@ def train_cli(
 ) -> None:
     """Train a ResNet on MNIST (GPU when there is one) and write checkpoint.pt and train.json.
 
-    Several GPUs or machines: `torchrun --nproc-per-node N -m resnet_edge.cli train ...` (or --nproc N on
-    one machine); only rank 0 writes."""
+    Several GPUs or machines: `torchrun --nproc-per-node N -m resnet_edge.cli -- train ...` (or --nproc N on
+    one machine; the `--` keeps torchrun from reading --run as its own --run-path); only rank 0 writes."""
     _need_torch("train")
     import os
 
