@@ -352,16 +352,15 @@ def _run_files_are_consistent(folder):
         torch.load(folder / "checkpoint.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
-def test_export_killed_at_random_points_leaves_one_checkpoints_files(trained_run, tmp_path, signal_name):
+def test_export_killed_at_random_points_leaves_one_checkpoints_files(trained_run, tmp_path):
+    """SIGKILL, then SIGINT (Ctrl-C), each at a seeded random moment of `export --quantize`: after each
+    the run holds whole files of one checkpoint; the next export cleans up and completes."""
     import signal as signals
 
-    run, _, _ = trained_run
-    folder = tmp_path / "run"
-    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("bench.*", "deploy"))
-    rng = np.random.default_rng(7 if signal_name == "SIGKILL" else 8)
+    folder = _run_copy(trained_run, tmp_path)
+    rng = np.random.default_rng(7)
     faults = 0
-    for delay in rng.uniform(0.5, 6.0, size=2):
+    for signal_name, delay in zip(("SIGKILL", "SIGINT"), rng.uniform(0.5, 6.0, size=2)):
         proc = subprocess.Popen([sys.executable, "-m", "resnet_edge", "export", "--run", str(folder), "--quantize",
                                  "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -381,30 +380,32 @@ def test_export_killed_at_random_points_leaves_one_checkpoints_files(trained_run
     assert faults >= 1
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
-def test_train_killed_at_random_points_resumes(tmp_path, signal_name):
-    """A signal at a seeded random moment of epoch 2 or its save: checkpoint.pt and train.json hold a
-    finished epoch whole, nothing temporary stays, and --resume finishes the recipe."""
+def test_train_killed_at_random_points_resumes(tmp_path):
+    """SIGINT (Ctrl-C) at a seeded random moment after epoch 1, --resume, then SIGKILL at a random moment
+    after the next save, --resume again: each time checkpoint.pt and train.json hold a finished epoch
+    whole, nothing temporary stays, and the last --resume finishes the recipe."""
     import signal as signals
 
     folder = write_dataset(tmp_path / "d", n_train=192, n_test=32)
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "resnet_edge", "train", "--data-dir", str(folder), "--run", str(run), "--epochs", "3",
+    args = [sys.executable, "-m", "resnet_edge", "train", "--data-dir", str(folder), "--run", str(run), "--epochs", "4",
             "--batch-size", "32", "--device", "cpu", "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "train.json").exists():  # epoch 1 saved
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
-        time.sleep(0.01)
-    time.sleep(np.random.default_rng(len(signal_name)).uniform(0.0, 0.5))
-    proc.send_signal(getattr(signals, signal_name))
-    stderr = proc.communicate(timeout=60)[1]
-    if signal_name == "SIGINT" and proc.returncode != 0:  # Ctrl-C: one line, not a traceback
-        assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    _run_files_are_consistent(run)
-    saved = json.loads((run / "train.json").read_text())
-    assert saved["epochs_done"] >= 1
+    rng = np.random.default_rng(14)
+    for signal_name in ("SIGINT", "SIGKILL"):
+        done_before = json.loads((run / "train.json").read_text())["epochs_done"] if (run / "train.json").exists() else 0
+        proc = subprocess.Popen(args + (["--resume"] if done_before else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (run / "train.json").exists() or json.loads((run / "train.json").read_text())["epochs_done"] == done_before:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere in the next epoch or its save
+        proc.send_signal(getattr(signals, signal_name))
+        stderr = proc.communicate(timeout=60)[1]
+        if signal_name == "SIGINT" and proc.returncode != 0:  # Ctrl-C: one line, not a traceback
+            assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        _run_files_are_consistent(run)  # a SIGKILL may leave a temporary: the next start removes it
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((run / "train.json").read_text())["epochs_done"] == 3
+    assert json.loads((run / "train.json").read_text())["epochs_done"] == 4
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
