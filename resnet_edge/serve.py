@@ -270,15 +270,16 @@ class ServerState:
     async def parse(self, raw: bytes, header_value: str | None) -> InferRequest:
         """An HTTP inference request, parsed inline, in a thread, or (a large JSON body, whose parsing
         would hold the GIL and so the event loop for tens of milliseconds) in a worker process."""
-        if header_value is not None or len(raw) <= PROCESS_BYTES:
-            json_size = len(raw) if header_value is None or not header_value.isdigit() else int(header_value[:12])
-            return await self.work(parse_http_request, raw, header_value, size=json_size)
+        digits = header_value is not None and header_value.isdigit() and len(header_value) <= 12
+        json_size = int(header_value) if digits else len(raw)  # the JSON part (binary data after it is cheap)
+        if json_size <= PROCESS_BYTES:
+            return await self.work(parse_http_request, raw, header_value, size=len(raw))
         if self.processes is None:
             import multiprocessing
 
             self.processes = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.processes, parse_http_request, raw, None)
+            return await asyncio.get_running_loop().run_in_executor(self.processes, parse_http_request, raw, header_value)
         except concurrent.futures.BrokenExecutor:
             self.processes = None  # the worker died (killed for memory?): a new one next time
             raise RequestError(503, "the request parser stopped; retry later") from None
