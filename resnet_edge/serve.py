@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from .config import ServerConfig
 from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction
@@ -487,10 +488,8 @@ def _add_inference_routes(app: Any, state: ServerState) -> None:
 
     config = state.config
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str = "1") -> Response:
-        _check_model(config, name, version)
+    async def infer(request: Request) -> Response:
+        _check_model(config, request.path_params["name"], request.path_params.get("version", "1"))
         async with _body(request, state) as raw:
             parsed = await state.parse(raw, request.headers.get(HEADER_LENGTH))
             logits = await state.infer(parsed.pixels)
@@ -499,6 +498,11 @@ def _add_inference_routes(app: Any, state: ServerState) -> None:
         if header_length is None:
             return Response(body, media_type="application/json")
         return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+    # Plain Starlette routes, matched first: the hot path skips FastAPI's parameter solving (~20 % of a
+    # small request's CPU time in a profile).
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        app.router.routes.insert(0, Route(path, infer, methods=["POST"]))
 
     def decode(data: bytes) -> np.ndarray:
         try:
