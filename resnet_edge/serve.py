@@ -329,9 +329,21 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
                                  io_binding=io_binding, on_death=state.died)
         state.loop = asyncio.get_running_loop()
         batcher.start()
+        grpc_server = None
+        if config.grpc_port:
+            from .serve_grpc import GrpcServer
+
+            grpc_server = GrpcServer(state)
+            try:
+                await grpc_server.start()
+            except UserError as exc:  # taken between serve()'s check and now
+                state.fatal = str(exc)
+                raise
         state.batcher, state.ready = batcher, True
         yield
         state.ready = False
+        if grpc_server is not None:
+            await grpc_server.stop()
         await batcher.stop()
         state.pool.shutdown(wait=False)
         if state.processes is not None:
@@ -636,14 +648,12 @@ def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[
     sock = _listen(config.host, config.port)
     if config.port == 0:
         config.port = sock.getsockname()[1]
-    grpc_server = None
     if config.grpc_port:
-        from .serve_grpc import GrpcServer
+        from .serve_grpc import check_grpc_port
 
-        grpc_server = GrpcServer(state)
         try:
-            grpc_server.start()  # a busy port fails here, one line
-        except BaseException:
+            check_grpc_port(config.host, config.grpc_port)  # a busy port fails here, one line
+        except UserError:
             sock.close()
             raise
     if announce is not None:
@@ -660,8 +670,6 @@ def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[
     try:
         server.run(sockets=[sock])
     finally:
-        if grpc_server is not None:
-            grpc_server.stop()
         sock.close()
     if state.fatal:
         raise UserError(f"{state.fatal}; stopped serving so that a supervisor restarts the server")

@@ -3,8 +3,8 @@ grpc_predict_v2.proto) with grpcio, next to the HTTP server and sharing its batc
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer (inputs as
 raw_input_contents or typed contents; outputs always as raw_output_contents, as Triton answers).
-The gRPC server runs its own asyncio loop in a thread; requests are checked there (serve_v2's checks,
-the same as HTTP's) and handed to the batcher on the HTTP server's loop. Errors are gRPC status codes:
+The gRPC server (grpc.aio) runs on the HTTP server's event loop; requests get serve_v2's checks, the
+same as HTTP's, and go to the same batcher. Errors are gRPC status codes:
 INVALID_ARGUMENT (a bad request), NOT_FOUND (model or version), RESOURCE_EXHAUSTED (queue or bytes
 full, message too large), UNAVAILABLE (not ready), DEADLINE_EXCEEDED. No torch here.
 """
@@ -12,9 +12,7 @@ full, message too large), UNAVAILABLE (not ready), DEADLINE_EXCEEDED. No torch h
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -77,62 +75,54 @@ class _Malformed:
     """What a request that is not a valid protobuf message deserializes to (answered INVALID_ARGUMENT)."""
 
 
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_grpc_port(host: str, port: int) -> None:
+    """Fail early, before anything is announced, when the gRPC port is taken (the server binds it at start-up)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen for gRPC on {grpc_address(host, port)}: {exc.strerror or exc}") from None
+
+
 class GrpcServer:
-    """GRPCInferenceService on --grpc-port, in a thread with its own event loop, sharing ``state``."""
+    """GRPCInferenceService on --grpc-port, on the HTTP server's event loop (grpc.aio), sharing ``state``."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
         self.config = state.config
-        self.thread = threading.Thread(target=self._run, name="grpc", daemon=True)
-        self.started: concurrent.futures.Future = concurrent.futures.Future()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stopping: asyncio.Event | None = None
+        self.server: Any = None
 
-    def start(self) -> None:
-        """Open the port and start serving; a port that cannot be opened is a UserError here."""
-        self.thread.start()
-        self.started.result(timeout=60)
-
-    def stop(self) -> None:
-        if self.loop is not None and self.stopping is not None and self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.stopping.set)
-            self.thread.join(GRACE_S + 5)
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self.loop = loop
-        try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start() when it happens before the port is open
-            if not self.started.done():
-                self.started.set_exception(exc)
-            else:
-                log.exception("gRPC server stopped")
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
+    async def start(self) -> None:
+        """Open the port and serve; a port that cannot be opened is a UserError."""
         import grpc
 
-        limit = self.config.max_body_bytes
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.config.max_body_bytes),
                                           ("grpc.max_send_message_length", 64 * 2**20),
                                           ("grpc.so_reuseport", 0)],  # a port in use is an error, never shared
                                  maximum_concurrent_rpcs=self.config.max_connections)
         server.add_generic_rpc_handlers((self._handlers(),))
-        host = self.config.host
-        address = f"[{host}]:{self.config.grpc_port}" if ":" in host else f"{host}:{self.config.grpc_port}"
+        address = grpc_address(self.config.host, self.config.grpc_port)
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise UserError(f"cannot listen for gRPC on {address}: {str(exc).splitlines()[0][:120]}") from None
         if not port:
             raise UserError(f"cannot listen for gRPC on {address} (in use, or not an address of this machine)")
-        self.stopping = asyncio.Event()
         await server.start()
-        self.started.set_result(port)
-        await self.stopping.wait()
-        await server.stop(GRACE_S)
+        self.server = server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(GRACE_S)
+
 
     def _handlers(self) -> Any:
         import grpc
@@ -211,11 +201,7 @@ class GrpcServer:
         try:
             raw = sum(len(b) for b in request.raw_input_contents)
             parsed = await self.state.work(grpc_infer_request, request, size=raw if raw else 10**9)
-            main_loop = self.state.loop
-            if main_loop is None or not self.state.ready:
-                raise RequestError(503, "not ready")
-            future = asyncio.run_coroutine_threadsafe(self.state.infer(parsed.pixels), main_loop)
-            logits = await asyncio.wrap_future(future)
+            logits = await self.state.infer(parsed.pixels)
             return grpc_infer_response(self.config.model_name, parsed, logits)
         finally:
             self.state.give_bytes(size)
