@@ -24,9 +24,9 @@ STAGES = {
     "predict": {"predict"},
 }
 LIBRARY = {"contract", "config", "errors", "files", "machine", "int8", "data", "models", "checkpoint", "runtime",
-           "quantize", "preprocess", "variants"}
+           "quantize", "fp16", "preprocess", "variants"}
 # What an edge box runs: eval of .onnx, bench --no-torch, serve, predict.
-INFERENCE = ["contract", "config", "errors", "files", "machine", "int8", "data", "runtime", "quantize", "preprocess",
+INFERENCE = ["contract", "config", "errors", "files", "machine", "int8", "data", "runtime", "quantize", "fp16", "preprocess",
              "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve", "serve_v2", "serve_grpc", "package", "predict"]
 
 
