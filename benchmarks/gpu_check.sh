@@ -48,8 +48,15 @@ step() {  # step NAME COMMAND...: runs it, logs to $R/NAME.log, says how long an
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
-want fast && step train_recipes-fast $PY benchmarks/train_recipes.py --device "$DEVICE" --recipes fast --seeds "$SEEDS" \
-  --out "$R/train_recipes-fast.json" -- --arch "$ARCH" $FAST_ARGS $TINY
+if want fast; then
+  step train_recipes-fast $PY benchmarks/train_recipes.py --device "$DEVICE" --recipes fast --seeds "$SEEDS" \
+    --out "$R/train_recipes-fast.json" -- --arch "$ARCH" $FAST_ARGS $TINY
+  # If CUDA graphs (reduce-overhead) failed, the same with torch.compile's default mode, in its own file.
+  if ! $PY -c "import json, sys; sys.exit(0 if json.load(open('$R/train_recipes-fast.json'))['recipes']['fast']['summary'].get('ok', 0) else 1)"; then
+    step train_recipes-fast-compile-default $PY benchmarks/train_recipes.py --device "$DEVICE" --recipes fast --seeds "$SEEDS" \
+      --out "$R/train_recipes-fast-compile-default.json" -- --arch "$ARCH" --compile-mode default $FAST_ARGS $TINY
+  fi
+fi
 want default && step train_recipes-default $PY benchmarks/train_recipes.py --device "$DEVICE" --recipes default --seeds "$SEEDS" \
   --keep "$R/recipes" --out "$R/train_recipes-default.json" -- --arch "$ARCH" $TINY
 if want ddp; then

@@ -164,6 +164,42 @@ class EpochLineReporter:
 RECIPE_DEFAULT = "(default: from --recipe)"
 
 
+def _check_processes(config: TrainConfig, nproc: int) -> None:
+    import os
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if config.batch_size % nproc:
+        raise UserError(f"--batch-size {config.batch_size} is the global batch; it must divide evenly among --nproc {nproc} processes")
+    if nproc > 1 and "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc starts its own processes; under torchrun leave it out (torchrun's --nproc-per-node says how many)")
+
+
+def _train_or_launch(config: TrainConfig, run_dir: Path, resume: bool, nproc: int, quiet: bool,
+                     main_rank: bool) -> dict[str, Any]:
+    """Train in this process (alone or as a torchrun rank), or start --nproc ranks; Ctrl-C exits 130 with
+    what the checkpoint holds."""
+    reporter = RichTrainReporter(quiet or not main_rank or nproc > 1)
+    try:
+        if nproc > 1:
+            from .distributed import launch
+            from .train import train_worker
+
+            return launch(nproc, train_worker, config, run_dir, resume, None if quiet else EpochLineReporter)
+        from .train import train
+
+        return train(config, run_dir, resume=resume, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.progress.stop()
+        if not main_rank:
+            raise typer.Exit(130)
+        done = reporter.last_epoch
+        err_console.print(f"interrupted: {run_dir / CHECKPOINT} holds "
+                          + (f"epoch {done}; continue with `resnet-edge train --run {run_dir} --resume`" if done
+                             else "the last epoch saved, if any; continue with --resume"), highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+
+
 @app.command("train")
 @user_errors
 def train_cli(
@@ -203,12 +239,7 @@ def train_cli(
                           augment=augment, amp=amp, compile=compile, compile_mode=compile_mode, sync_bn=sync_bn,
                           dist_timeout=dist_timeout, train_limit=train_limit, test_limit=test_limit,
                           data_dir=str(data_dir) if data_dir is not None else None)
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    if config.batch_size % max(nproc, 1):
-        raise UserError(f"--batch-size {config.batch_size} is the global batch; it must divide evenly among --nproc {nproc} processes")
-    if nproc > 1 and "WORLD_SIZE" in os.environ:
-        raise UserError("--nproc starts its own processes; under torchrun leave it out (torchrun's --nproc-per-node says how many)")
+    _check_processes(config, nproc)
     main_rank = os.environ.get("RANK", "0") == "0"
     run_dir = run if run is not None else run_dir_for(arch)
     if resume and not (run_dir / CHECKPOINT).exists():
@@ -218,26 +249,7 @@ def train_cli(
     if main_rank:
         ensure_writable_dir(run_dir)
         remove_stale_temporaries(run_dir)
-    reporter = RichTrainReporter(quiet or not main_rank or nproc > 1)
-    try:
-        if nproc > 1:
-            from .distributed import launch
-            from .train import train_worker
-
-            report = launch(nproc, train_worker, config, run_dir, resume, None if quiet else EpochLineReporter)
-        else:
-            from .train import train
-
-            report = train(config, run_dir, resume=resume, reporter=reporter)
-    except KeyboardInterrupt:
-        reporter.progress.stop()
-        if not main_rank:
-            raise typer.Exit(130)
-        done = reporter.last_epoch
-        err_console.print(f"interrupted: {run_dir / CHECKPOINT} holds "
-                          + (f"epoch {done}; continue with `resnet-edge train --run {run_dir} --resume`" if done
-                             else "the last epoch saved, if any; continue with --resume"), highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+    report = _train_or_launch(config, run_dir, resume, nproc, quiet, main_rank)
     if not main_rank:
         return
     acc = report["test_accuracy"]

@@ -188,6 +188,12 @@ def launch(nproc: int, entry: Callable[..., Any], *args: Any) -> Any:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"resnet-edge-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
+    # The launcher logs a failed rank's traceback; the failure is told in one line below instead.
+    quiet_loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher",
+                                                          "torch.multiprocessing")]
+    levels = [logger.level for logger in quiet_loggers]
+    for logger in quiet_loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, entry)(*args)
     except SignalException:
@@ -196,6 +202,9 @@ def launch(nproc: int, entry: Callable[..., Any], *args: Any) -> Any:
         rank, failure = exc.get_first_failure()
         raise UserError(f"rank {rank} of {nproc} failed ({_failure_line(failure)}); every rank was stopped "
                         "and the run keeps its last finished epoch") from None
+    finally:
+        for logger, level in zip(quiet_loggers, levels):
+            logger.setLevel(level)
     return results[0]
 
 

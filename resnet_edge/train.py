@@ -185,7 +185,7 @@ def _setup(config: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, data
            world: World, device: torch.device) -> _Session:
     """Data on the device, model, optimizer and one-cycle schedule; the checkpoint's state when resuming."""
     if config.batch_size // world.world_size < 2 and MODELS[config.arch].family == "imagenet":
-        raise UserError(f"{config.arch} needs a --batch-size of at least 2 per process: its last stage is 1x1 at "
+        raise UserError(f"{config.arch} needs --batch-size of at least 2 per process: its last stage is 1x1 at "
                         "28x28, and BatchNorm cannot train on a single value per channel")
     dataset = _limited(dataset or load_dataset(config.data_dir), config)
     mean, std = dataset.pixel_stats()

@@ -177,3 +177,15 @@ def test_nproc_mistakes_are_one_line():
         assert "under torchrun leave it out" in error_line(["train", "--nproc", "2"])
     finally:
         del os.environ["WORLD_SIZE"]
+
+
+def test_a_failing_rank_of_nproc_is_one_error_line(tmp_path):
+    """A mistake that only the ranks see (here a missing --data-dir) ends `train --nproc 2` with one line
+    from the launching process, not the launcher's tracebacks."""
+    proc = subprocess.run([sys.executable, "-m", "resnet_edge", "train", "--nproc", "2", "--device", "cpu", "--quiet",
+                           "--data-dir", str(tmp_path / "missing"), "--run", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank "), proc.stderr
+    assert "missing: not a directory" in lines[0]
