@@ -122,8 +122,8 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         log.warning("resuming on %s a run saved on %s: data order and augmentation are reseeded",
                     generator.device.type, state.get("data_device"))
         generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a run saved on a node with more GPUs: as many as are here
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 @dataclass
