@@ -184,28 +184,27 @@ def _run_copy(trained_run, tmp_path, name="run"):
     return copy
 
 
-def test_file_size_limit_during_export_is_one_line_and_leaves_the_run_whole(trained_run, tmp_path):
-    copy = _run_copy(trained_run, tmp_path)
-    line = _fails_whole(["export", "--run", copy, "--quantize", "--quiet"], copy, file_size=100_000)
-    assert "File too large" in line
+def test_file_size_limit_during_each_stage_is_one_line_and_leaves_the_run_whole(trained_run, tmp_path):
+    """RLIMIT_FSIZE during export (the FP32 model does not fit), quantization (the FP32 model of the same
+    checkpoint fits, quantize's calibration graph does not), train and bench; each on its own copy of
+    the run, run side by side to keep the suite short."""
+    from concurrent.futures import ThreadPoolExecutor
 
-
-def test_file_size_limit_during_quantization(trained_run, tmp_path):
-    """A limit the FP32 model fits under but quantization's calibration graph does not: the failure is
-    inside quantize, after model.onnx was made, and still nothing of the new export reaches the run."""
-    copy = _run_copy(trained_run, tmp_path)
-    limit = (copy / "model.onnx").stat().st_size + 4096  # the same checkpoint's FP32 model fits: quantize fails
-    assert "File too large" in _fails_whole(["export", "--run", copy, "--quantize", "--quiet"], copy, file_size=limit)
-
-
-def test_file_size_limit_during_train_and_bench(trained_run, tmp_path):
-    copy = _run_copy(trained_run, tmp_path)
+    copies = {name: _run_copy(trained_run, tmp_path, name) for name in ("export", "quantize", "train", "bench")}
     data = write_dataset(tmp_path / "d", n_train=64, n_test=32)
-    assert "File too large" in _fails_whole(["train", "--data-dir", data, "--run", copy / "new", "--epochs", "1",
-                                             "--batch-size", "16", "--device", "cpu", "--quiet"], copy, file_size=50_000)
-    assert not (copy / "new").exists() or not list((copy / "new").iterdir())
-    bench = ["bench", "--run", copy, "--no-torch", "--batch-sizes", "1", "--duration", "0.05", "--min-runs", "5", "--quiet"]
-    assert "File too large" in _fails_whole(bench, copy, file_size=1_000)
+    cases = [
+        (["export", "--run", copies["export"], "--quantize", "--quiet"], copies["export"], 100_000),
+        (["export", "--run", copies["quantize"], "--quantize", "--quiet"], copies["quantize"],
+         (copies["quantize"] / "model.onnx").stat().st_size + 4096),
+        (["train", "--data-dir", data, "--run", copies["train"] / "new", "--epochs", "1", "--batch-size", "16",
+          "--device", "cpu", "--quiet"], copies["train"], 50_000),
+        (["bench", "--run", copies["bench"], "--no-torch", "--batch-sizes", "1", "--duration", "0.05", "--min-runs", "5",
+          "--quiet"], copies["bench"], 1_000),
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        lines = list(pool.map(lambda c: _fails_whole(c[0], c[1], file_size=c[2]), cases))
+    assert all("File too large" in line for line in lines), lines
+    assert not [p for p in (copies["train"] / "new").rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("stage", ["train", "export", "bench"])
