@@ -79,25 +79,29 @@ def check_same_checkpoint(run_dir: Path) -> None:
 
 
 def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuInfo) -> tuple[str, str] | None:
-    """(variant, reason) from the run's bench.json when it was measured here; None otherwise."""
+    """(variant, reason) from the run's bench.json when it was measured here, on the files the run holds
+    now; None otherwise (no report, another machine or provider, other files, a malformed report)."""
     try:
         report = json.loads((run_dir / BENCH_JSON).read_text())
         rec = report["recommendation"][workload]
-        measured_on = report["machine"]
-    except (OSError, ValueError, KeyError, TypeError):
+        measured_on, benched = report["machine"], report.get("files") or {}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+    if not (isinstance(rec, dict) and isinstance(measured_on, dict) and isinstance(benched, dict)):
+        return None
+    from .files import file_sha256
     from .runtime import provider_name
 
     if not cpu.same_as(measured_on) or provider_name(str(report.get("provider"))) != provider_name(provider):
         return None
-    from .files import file_sha256
-
-    benched = report.get("files") or {}
-    if any(benched.get(name) != file_sha256(run_dir / name) for name in FILES.values() if (run_dir / name).exists()):
-        return None  # measured other files than the ones in the run now
     variant = {v: k for k, v in BENCH_NAMES.items()}.get(rec.get("variant"))
-    if variant is None or not (run_dir / FILES[variant]).exists():
+    if variant is None or FILES[variant] not in benched:
         return None
+    # Every file it measured must be the run's file now (a file it did not measure, say an FP16 model
+    # on a CPU bench, changes nothing it compared).
+    for name, sha in benched.items():
+        if name not in FILES.values() or not (run_dir / name).exists() or file_sha256(run_dir / name) != sha:
+            return None
     return variant, f"bench.json, measured on this CPU, recommends it for {workload}: {rec.get('why', '')}".rstrip(": ")
 
 
@@ -119,26 +123,39 @@ def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughp
         only = next(iter(available))
         return Choice(available[only], only, f"the run has only the {only.upper()} model")
     from .int8 import cpu_problem
-    from .runtime import check_model_file, provider_name
+    from .runtime import check_model_file
 
-    if "int8" in available and runs_int8_on_cpu(provider) and cpu_problem(check_model_file(available["int8"]), cpu):
-        return Choice(available["fp32"], "fp32", "the INT8 model needs int8 dot-product instructions this CPU lacks")
+    saturates = "int8" in available and runs_int8_on_cpu(provider) and \
+        cpu_problem(check_model_file(available["int8"]), cpu)
+    if saturates:
+        del available["int8"]
     measured = bench_recommendation(run_dir, workload, provider, cpu)
-    if measured:
+    if measured and measured[0] in available:
         return Choice(available[measured[0]], measured[0], measured[1])
+    for candidate, reason in _rule(provider, cpu, saturates):
+        if candidate in available:
+            return Choice(available[candidate], candidate, reason)
+    only = next(iter(available))
+    return Choice(available[only], only, "the only model of the run this CPU can run as exported")
+
+
+def _rule(provider: str, cpu: CpuInfo, int8_saturates: Any) -> list[tuple[str, str]]:
+    """Without a bench measured here: (variant, reason) in order of preference."""
+    from .runtime import provider_name
+
+    unmeasured = "no bench.json measured on it (`resnet-edge bench` measures)"
     if provider_name(provider) != "CPUExecutionProvider":
-        if "fp16" in available:
-            return Choice(available["fp16"], "fp16", f"a GPU provider ({provider}) and no bench.json measured here: "
-                          "FP16 is the GPU's low-precision variant (`resnet-edge bench` measures)")
-        return Choice(available["fp32"], "fp32", f"no bench.json measured here on {provider}; QDQ INT8 runs its "
-                      "quantized operators on the CPU with most GPU providers")
-    if "int8" in available and cpu.int8_dot_product:
-        return Choice(available["int8"], "int8", "this CPU has int8 dot-product instructions "
-                      f"({cpu.isa_summary}); no bench.json measured on it (`resnet-edge bench` measures)")
-    if "int8" in available:
-        return Choice(available["fp32"], "fp32", "this CPU has no int8 dot-product instructions (VNNI/AMX/dotprod), "
-                      "where INT8 is often no faster; no bench.json measured on it (`resnet-edge bench` measures)")
-    return Choice(available["fp32"], "fp32", "FP32 on the CPU provider: ONNX Runtime's CPU kernels are slow in FP16")
+        return [("fp16", f"a GPU provider ({provider}) and {unmeasured}: FP16 is the GPU's low-precision variant"),
+                ("fp32", f"a GPU provider ({provider}) and {unmeasured}; QDQ INT8 runs its quantized operators "
+                         "on the CPU with most GPU providers")]
+    if int8_saturates:
+        return [("fp32", "the INT8 model needs int8 dot-product instructions this CPU lacks")]
+    if cpu.int8_dot_product:
+        return [("int8", f"this CPU has int8 dot-product instructions ({cpu.isa_summary}); {unmeasured}"),
+                ("fp32", f"the run has no INT8 model; {unmeasured}")]
+    return [("fp32", "this CPU has no int8 dot-product instructions (VNNI/AMX/dotprod), where INT8 is often no "
+                     f"faster; {unmeasured}"),
+            ("int8", f"the run has no FP32 model; {unmeasured}")]
 
 
 def recommend(rows: list[dict[str, Any]], eligible: dict[str, str | None], min_margin: float = 1.05) -> dict[str, Any]:

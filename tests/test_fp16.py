@@ -141,3 +141,66 @@ def test_fp16_variant_of_a_run_without_it_is_one_line(trained_run, mnist, tmp_pa
     png = tmp_path / "d.png"
     Image.fromarray(mnist.test_images[0]).save(png)
     assert "run `resnet-edge export --fp16` first" in error_line(["predict", png, "--run", run, "--variant", "fp16"])
+
+
+def _copy(run, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("bench.*", "deploy"))
+    return copy
+
+
+def test_a_cpu_bench_without_fp16_still_counts_for_a_run_with_fp16(fp16_run, tmp_path):
+    """bench on the CPU measures FP32 and INT8 only; the FP16 file it did not measure must not void it."""
+    from resnet_edge.files import file_sha256
+    from resnet_edge.machine import cpu_info
+    from resnet_edge.variants import choose_model, recommend
+
+    run = _copy(fp16_run[0], tmp_path, "r")
+    cpu = cpu_info()
+    rows = [{"variant": v, "batch_size": bs, "p50_ms": t * bs} for bs in (1, 64)
+            for v, t in (("onnx-fp32", 1.0), ("onnx-int8", 1.5))]  # INT8 measured slower: FP32 recommended
+    (run / "bench.json").write_text(json.dumps({
+        "provider": "cpu", "machine": {"cpu": cpu.model, "isa": cpu.isa},
+        "files": {n: file_sha256(run / n) for n in ("model.onnx", "model.int8.onnx")},
+        "recommendation": recommend(rows, {"onnx-fp32": None, "onnx-int8": None})}))
+    choice = choose_model(run, cpu=cpu)
+    assert choice.variant == "fp32" and "measured on this CPU" in choice.reason
+
+
+def test_a_saturating_int8_on_a_gpu_provider_still_gives_fp16(fp16_run, monkeypatch):
+    from resnet_edge import int8
+    from resnet_edge.machine import CpuInfo
+    from resnet_edge.variants import choose_model
+
+    monkeypatch.setattr(int8, "cpu_problem", lambda model, cpu: "it would saturate")
+    avx2 = CpuInfo("AVX2 box", "x86_64", {"avx2": True})
+    assert choose_model(fp16_run[0], provider="cuda", cpu=avx2).variant == "fp16"
+    assert choose_model(fp16_run[0], provider="cpu", cpu=avx2).variant == "fp32"
+
+
+@pytest.mark.parametrize("bench", [{"recommendation": {"throughput": "onnx-int8"}, "machine": {}},
+                                   {"recommendation": {"throughput": {"variant": "onnx-int8"}}, "machine": [1]},
+                                   {"recommendation": {"throughput": {"variant": "onnx-int8"}}, "machine": {},
+                                    "files": ["model.onnx"]},
+                                   {"recommendation": [], "machine": {}}])
+def test_a_malformed_bench_json_is_ignored_not_a_traceback(fp16_run, tmp_path, bench):
+    from resnet_edge.machine import CpuInfo
+    from resnet_edge.variants import choose_model
+
+    run = _copy(fp16_run[0], tmp_path, "r")
+    (run / "bench.json").write_text(json.dumps(bench))
+    vnni = CpuInfo("VNNI box", "x86_64", {"avx512_vnni": True})
+    assert choose_model(run, cpu=vnni).variant == "int8"
+
+
+def test_a_run_without_fp32_chooses_among_what_it_has(fp16_run, tmp_path, monkeypatch):
+    from resnet_edge import int8
+    from resnet_edge.machine import CpuInfo
+    from resnet_edge.variants import choose_model
+
+    run = _copy(fp16_run[0], tmp_path, "r")
+    (run / "model.onnx").unlink()
+    avx2 = CpuInfo("AVX2 box", "x86_64", {"avx2": True})
+    assert choose_model(run, cpu=avx2).variant == "int8"  # no FP32 to fall back to: INT8 (it does not saturate)
+    monkeypatch.setattr(int8, "cpu_problem", lambda model, cpu: "it would saturate")
+    assert choose_model(run, cpu=avx2).variant == "fp16"  # the only model this CPU runs as exported
