@@ -8,7 +8,12 @@
 #   ddp       one process against one per GPU present (`train --nproc N`, NCCL), same recipe and epochs,
 #             and `torchrun ... -m resnet_edge.cli -- train --sync-bn` (torch SyncBatchNorm); with one GPU,
 #             the single-process figure only (benchmarks/train_ddp.py -> train_ddp-resnet8.json)
-#   export    `export --quantize` of the default run, then `bench --provider cuda` and `--provider cpu`
+#   export    `export --quantize --fp16` of the default run, then `bench --provider cuda` (FP32/FP16/INT8) and
+#             `--provider cpu`
+#   inference resnet18 (1 epoch) exported with --quantize --fp16; `bench --provider cuda` of FP32/FP16/INT8 at
+#             batch 1 to 2048 (target: FP16 >= 1.3x FP32 where FP32 peaks); `serve --provider cuda` under load
+#             (benchmarks/serve_load.py) at concurrency 1/32/128 with dynamic batching and with
+#             --max-batch-size 1, FP16 and FP32 (target: batching >= 2x at 32)
 #   throughput  the training loop against a torchvision DataLoader (eager and compiled)
 # Results (reports only, no weights) go to benchmarks/results/cuda/. STEPS="fast default" runs a subset.
 # Rehearsal on a CPU (so the GPU run cannot fail on a typo):
@@ -23,7 +28,7 @@ PROVIDER=${PROVIDER:-cuda}
 TINY=${TINY:-}              # extra train options for every training step (rehearsals)
 FAST_ARGS=${FAST_ARGS:-}    # options on top of --recipe fast (e.g. "--epochs 14" or "--compile-mode default")
 SEEDS=${SEEDS:-0,1,2}
-STEPS=${STEPS:-fast default ddp export throughput}
+STEPS=${STEPS:-fast default ddp export inference throughput}
 PY=${PYTHON:-python3}
 mkdir -p "$R"
 # CUDA libraries from the nvidia-* wheels that PyTorch uses, for ONNX Runtime's CUDA provider too.
@@ -72,9 +77,22 @@ fi
 RUN="$R/recipes/default-${SEEDS%%,*}"
 if want export; then
   [ -f "$RUN/checkpoint.pt" ] || step train $PY -m resnet_edge train --device "$DEVICE" --arch "$ARCH" --run "$RUN" --quiet $TINY
-  step export $PY -m resnet_edge export --run "$RUN" --quantize --quiet
+  step export $PY -m resnet_edge export --run "$RUN" --quantize --fp16 --quiet
   step bench-$PROVIDER $PY -m resnet_edge bench --run "$RUN" --provider "$PROVIDER" --duration "${DURATION:-2}" --out "$RUN/bench-$PROVIDER" --quiet
   [ "$PROVIDER" = cpu ] || step bench-cpu $PY -m resnet_edge bench --run "$RUN" --provider cpu --duration "${DURATION:-2}" --out "$RUN/bench-cpu" --quiet
+fi
+if want inference; then
+  R18="$R/resnet18"
+  [ -f "$R18/checkpoint.pt" ] || step train-resnet18 $PY -m resnet_edge train --device "$DEVICE" --arch resnet18 --epochs 1 \
+    --run "$R18" --quiet $TINY
+  step export-resnet18 $PY -m resnet_edge export --run "$R18" --quantize --fp16 --quiet
+  step bench-resnet18-$PROVIDER $PY -m resnet_edge bench --run "$R18" --provider "$PROVIDER" --fp16 \
+    --batch-sizes "${BATCHES:-1,64,256,1024,2048}" --duration "${DURATION:-2}" --min-runs 50 --out "$R18/bench-$PROVIDER" --quiet
+  for model in model.fp16.onnx model.onnx; do
+    v=$([ $model = model.onnx ] && echo fp32 || echo fp16)
+    step serve-resnet18-$v-$PROVIDER $PY benchmarks/serve_load.py --model "$R18/$model" \
+      --provider "$PROVIDER" --clients "${CLIENTS:-1,32,128}" --seconds "${SERVE_SECONDS:-10}" --out "$R/serve_load-resnet18-$v.json"
+  done
 fi
 if want throughput; then
   step train_throughput $PY benchmarks/train_throughput.py --device "$DEVICE" --arch "$ARCH" --steps "${TP_STEPS:-200}" --rounds "${TP_ROUNDS:-3}" --workers 0,4 --out "$R/train_throughput-$ARCH.json"
