@@ -38,8 +38,8 @@ from .config import ServerConfig
 from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction
 from .errors import UserError
 from .runtime import create_session
-from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, encode_http_response,
-                       parse_http_request)
+from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, ascii_count,
+                       encode_http_response, parse_http_request)
 
 __all__ = ["Busy", "DynamicBatcher", "RequestError", "ServerConfig", "create_app", "serve", "OUTPUTS", "PROBABILITIES"]
 
@@ -271,8 +271,8 @@ class ServerState:
     async def parse(self, raw: bytes, header_value: str | None) -> InferRequest:
         """An HTTP inference request, parsed inline, in a thread, or (a large JSON body, whose parsing
         would hold the GIL and so the event loop for tens of milliseconds) in a worker process."""
-        digits = header_value is not None and header_value.isdigit() and len(header_value) <= 12
-        json_size = int(header_value) if digits else len(raw)  # the JSON part (binary data after it is cheap)
+        # the JSON part (binary data after it is cheap)
+        json_size = int(header_value) if ascii_count(header_value, 12) else len(raw)  # type: ignore[arg-type]
         if json_size <= PROCESS_BYTES:
             return await self.work(parse_http_request, raw, header_value, size=len(raw))
         if self.processes is None:
@@ -462,7 +462,7 @@ async def _body(request: Request, state: ServerState):
     limit = state.config.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit() or len(length) > 15:
+        if not ascii_count(length, 15):
             raise RequestError(400, "malformed Content-Length header")
         if int(length) > limit:
             raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")

@@ -23,6 +23,11 @@ ACCEPTED_SHAPES = ", ".join("[N, " + ", ".join(map(str, s)) + "]" for s in _SHAP
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
+def ascii_count(value: str | None, max_digits: int) -> bool:
+    """A header value that is a byte count: ASCII digits only ('²' passes str.isdigit() but not int())."""
+    return value is not None and 0 < len(value) <= max_digits and value.isascii() and value.isdigit()
+
+
 class RequestError(Exception):
     """A bad request: status and message go back to the client as {"error": message}."""
 
@@ -147,7 +152,7 @@ def _loads(raw: bytes | memoryview) -> Any:
 def header_length(value: str | None, body_size: int) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 12 or int(value) > body_size:
+    if not ascii_count(value, 12) or int(value) > body_size:
         raise RequestError(400, f"{HEADER_LENGTH} must be a byte count within the body of {body_size} bytes, got {_short(value)}")
     return int(value)
 
@@ -163,6 +168,9 @@ def parse_http_request(raw: bytes, header_value: str | None = None) -> InferRequ
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
         raise RequestError(400, f"expected 'inputs' to hold exactly 1 tensor named {INPUT_NAME!r}, got {got}")
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError(400, f"request 'id' must be a string, got {type(request_id).__name__}")
     tensor = inputs[0]
     n = check_tensor_header(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"))
     size = _parameters(tensor, "input").get("binary_data_size")
@@ -178,7 +186,7 @@ def parse_http_request(raw: bytes, header_value: str | None = None) -> InferRequ
         values = json_values(tensor.get("data"))
     pixels = tensor_pixels(tensor["datatype"], n, values)
     outputs = requested_outputs(body.get("outputs"), _parameters(body, "request").get("binary_data_output", False))
-    return InferRequest(pixels, outputs, body.get("id"))
+    return InferRequest(pixels, outputs, request_id)
 
 
 def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
@@ -198,11 +206,13 @@ def requested_outputs(requested: Any, binary_default: Any) -> list[tuple[str, bo
         return [(OUTPUT_NAME, binary_default)]
     if not isinstance(requested, list) or not requested or not all(isinstance(o, dict) for o in requested):
         raise RequestError(400, "'outputs' must be a non-empty list of {\"name\": ...} objects")
-    result = []
+    result: list[tuple[str, bool]] = []
     for output in requested:
         name = output.get("name")
         if not isinstance(name, str) or name not in OUTPUTS:
             raise RequestError(400, f"unknown output {_short(name)}, expected one of {list(OUTPUTS)}")
+        if any(name == seen for seen, _ in result):
+            raise RequestError(400, f"output {name!r} is asked for twice")
         binary = _parameters(output, "output").get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise RequestError(400, f"output 'binary_data' must be true or false, got {_short(binary)}")

@@ -409,3 +409,50 @@ def test_stats_report_memory(server):
     body = httpx.get(f"{url}/v2/models/m/stats").json()
     assert body["server"]["rss_bytes"] > 10 * 2**20 and body["server"]["pending_bytes"] == 0
     assert "gpu_memory_bytes" not in body["server"]  # CPU provider: no GPU figure is made up
+
+
+# ------------------------------------------------------------------------------------------ review round 2
+@pytest.mark.parametrize("headers", [{"Inference-Header-Content-Length": b"\xb2"}, {"Content-Length": b"\xb9"}])
+def test_non_ascii_digits_in_length_headers_are_400(server, headers):
+    url, _ = server
+    body = json.dumps(_tensor([0] * 784, "UINT8")).encode()
+    if b"\xb9" in headers.get("Content-Length", b""):
+        headers = {"Content-Length": b"\xb9" + str(len(body)).encode()}
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as s:
+        head = b"".join(k.encode() + b": " + v + b"\r\n" for k, v in headers.items())
+        if b"Content-Length" not in head:
+            head += b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+        s.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + head + b"\r\n" + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.split(b" ", 2)[1] in (b"400",), reply[:300]
+    _assert_ready(url)
+
+
+@pytest.mark.parametrize("request_id", [1, 1e999, [[[]]], {"a": 1}, True])
+def test_request_id_that_is_not_a_string_is_400(server, request_id):
+    url, _ = server
+    body = json.dumps(_tensor([0] * 784, "UINT8", id=request_id)).encode()  # 1e999 -> Infinity
+    r = httpx.post(_infer_url(url), content=body, timeout=10)
+    assert r.status_code == 400 and "'id' must be a string" in r.json()["error"], r.text
+
+
+def test_deeply_nested_id_in_a_large_body_is_400(server):
+    """Parsed in a thread (body > 16 KiB), encoded on the event loop's deeper stack: was a 500."""
+    url, _ = server
+    for depth in range(940, 1001, 6):
+        body = b'{"id": ' + b"[" * depth + b"]" * depth + b', "pad": "' + b"x" * 20_000 + b'", "inputs": [{"name": ' \
+            b'"pixels", "datatype": "UINT8", "shape": [1, 784], "data": ' + json.dumps([0] * 784).encode() + b"}]}"
+        r = httpx.post(_infer_url(url), content=body, timeout=10)
+        assert r.status_code == 400, (depth, r.text)
+    _assert_ready(url)
+
+
+def test_string_id_is_echoed_and_duplicate_outputs_are_400(server):
+    url, _ = server
+    r = httpx.post(_infer_url(url), json=_tensor([0] * 784, "UINT8", id="abc"), timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "abc"
+    twice = _tensor([0] * 784, "UINT8", outputs=[{"name": "logits"}, {"name": "logits"}])
+    r = httpx.post(_infer_url(url), json=twice, timeout=10)
+    assert r.status_code == 400 and "twice" in r.json()["error"], r.text
