@@ -457,8 +457,8 @@ def _memory_report(provider: str) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def _body(request: Request, state: ServerState):
-    """The request body, counted against --max-pending-bytes until the response; 413 past
-    --max-body-bytes (by Content-Length or while streaming)."""
+    """The request body, counted against --max-pending-bytes as it arrives and until the response (headers
+    that only promise bytes hold none); 413 past --max-body-bytes (by Content-Length or while streaming)."""
     limit = state.config.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None:
@@ -469,8 +469,7 @@ async def _body(request: Request, state: ServerState):
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
-    taken = int(length) if length is not None else 0
-    state.take_bytes(taken)
+    taken = 0  # bytes received and counted: a declared Content-Length alone reserves nothing
     try:
         chunks, size = [], 0
 
@@ -556,12 +555,22 @@ async def _multipart_file(request: Any, raw: bytes) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ running it
+async def _busy_json(scope: Any, receive: Any, send: Any) -> None:
+    body = b'{"error": "server busy: too many connections at once (--max-connections); retry later"}'
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def _guarded_http(client_timeout: float) -> type:
     """uvicorn's httptools protocol with what it lacks against slow or greedy clients: a request (line,
     headers and body) must arrive within ``client_timeout`` seconds, its headers within
     MAX_HEADER_BYTES, else the connection is closed (an idle keep-alive connection is closed by
     uvicorn's timeout_keep_alive). One timer per request, no task."""
+    from uvicorn.protocols.http import httptools_impl
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    httptools_impl.service_unavailable = _busy_json  # uvicorn's own 503 (past --max-connections) as {"error": ...}
 
     class GuardedHttp(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:
@@ -665,7 +674,7 @@ def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[
         kwargs["loop"] = "uvloop"
     server = _GracefulServer(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
                                             http=_guarded_http(config.client_timeout), timeout_keep_alive=5,
-                                            limit_concurrency=config.max_connections, **kwargs))
+                                            limit_concurrency=config.max_connections + 1, **kwargs))  # uvicorn counts this one
     state.stop_server = lambda: setattr(server, "should_exit", True)
     try:
         server.run(sockets=[sock])

@@ -49,6 +49,13 @@ def grpc_infer_request(request: Any) -> InferRequest:
     unknown = [name for name, _ in outputs if name not in OUTPUTS]
     if unknown:
         raise RequestError(400, f"unknown output {unknown[0][:80]!r}, expected one of {list(OUTPUTS)}")
+    if len({name for name, _ in outputs}) != len(outputs):
+        raise RequestError(400, "an output is asked for twice")
+    for what, params in (("request", request.parameters), ("input", tensor.parameters),
+                         *(("output", o.parameters) for o in request.outputs)):
+        for unsupported in ("shared_memory_region", "classification"):
+            if unsupported in params:  # refused over HTTP too
+                raise RequestError(400, f"{what} parameter {unsupported!r} is not supported by this server")
     return InferRequest(pixels, outputs, request.id)
 
 
@@ -92,6 +99,12 @@ def check_grpc_port(host: str, port: int) -> None:
         raise UserError(f"cannot listen for gRPC on {grpc_address(host, port)}: {exc.strerror or exc}") from None
 
 
+def max_rpcs(config: Any) -> int:
+    """RPCs at once: grpcio receives and parses a message before any handler runs, so --max-pending-bytes
+    bounds gRPC memory only through this count (each message is at most --max-body-bytes); beyond: RESOURCE_EXHAUSTED."""
+    return max(1, min(config.max_connections, config.max_pending_bytes // config.max_body_bytes))
+
+
 class GrpcServer:
     """GRPCInferenceService on --grpc-port, on the HTTP server's event loop (grpc.aio), sharing ``state``."""
 
@@ -107,7 +120,7 @@ class GrpcServer:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.config.max_body_bytes),
                                           ("grpc.max_send_message_length", 64 * 2**20),
                                           ("grpc.so_reuseport", 0)],  # a port in use is an error, never shared
-                                 maximum_concurrent_rpcs=self.config.max_connections)
+                                 maximum_concurrent_rpcs=max_rpcs(self.config))
         server.add_generic_rpc_handlers((self._handlers(),))
         address = grpc_address(self.config.host, self.config.grpc_port)
         try:
@@ -183,7 +196,7 @@ class GrpcServer:
         from . import __version__
 
         return messages()["ServerMetadataResponse"](name="resnet-edge", version=__version__,
-                                                    extensions=["binary_tensor_data", "statistics"])
+                                                    extensions=[])  # both are HTTP-only here
 
     async def _model_metadata(self, request: Any) -> Any:
         self._check_model(request.name, request.version)

@@ -456,3 +456,95 @@ def test_string_id_is_echoed_and_duplicate_outputs_are_400(server):
     twice = _tensor([0] * 784, "UINT8", outputs=[{"name": "logits"}, {"name": "logits"}])
     r = httpx.post(_infer_url(url), json=twice, timeout=10)
     assert r.status_code == 400 and "twice" in r.json()["error"], r.text
+
+
+@pytest.fixture(scope="module")
+def small_server(linear):
+    """HTTP and gRPC with a budget of three bodies: --max-pending-bytes 300000, --max-body-bytes 100000."""
+    grpc_port = free_port()
+    proc, url = start_server("--model", linear, "--model-name", "m", "--grpc-port", grpc_port, "--max-body-bytes",
+                             100_000, "--max-pending-bytes", 300_000, "--client-timeout", 5)
+    yield url, f"127.0.0.1:{grpc_port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _grpc_request(**fields):
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="m", **fields)
+    request.inputs.add(name="pixels", datatype="UINT8", shape=[1, 784])
+    request.raw_input_contents.append(bytes(784))
+    return request
+
+
+def test_declared_content_length_alone_reserves_no_bytes(small_server):
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    url, address = small_server
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # 4 x 100000 promised > the budget
+    try:
+        for s in idle:
+            s.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        time.sleep(0.3)
+        r = httpx.post(_infer_url(url), json=_tensor([0] * 784, "UINT8"), timeout=10)
+        assert r.status_code == 200, r.text
+        with grpc.insecure_channel(address) as channel:
+            assert service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request(), timeout=10).outputs
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_grpc_messages_are_bounded_by_the_byte_limits(small_server):
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from resnet_edge.config import ServerConfig
+    from resnet_edge.serve_grpc import max_rpcs
+
+    _, address = small_server
+    with grpc.insecure_channel(address) as channel:
+        request = _grpc_request()
+        request.raw_input_contents[0] = bytes(200_000)  # over --max-body-bytes: refused before it is parsed
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    config = ServerConfig(model_path="m.onnx", max_body_bytes=100_000, max_pending_bytes=300_000)
+    assert max_rpcs(config) == 3  # grpc.aio.server(maximum_concurrent_rpcs=...): bodies in flight <= the budget
+
+
+def test_grpc_answers_like_http_and_advertises_only_what_it_serves(small_server):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    url, address = small_server
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert list(stub.ServerMetadata(service_pb2.ServerMetadataRequest()).extensions) == []
+        classify = _grpc_request()
+        classify.outputs.add(name="logits").parameters["classification"].int64_param = 3
+        twice = _grpc_request()
+        twice.outputs.add(name="logits")
+        twice.outputs.add(name="logits")
+        for request, words in ((classify, "classification"), (twice, "twice")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+    body = _tensor([0] * 784, "UINT8", outputs=[{"name": "logits", "parameters": {"classification": 3}}])
+    assert httpx.post(_infer_url(url), json=body, timeout=10).status_code == 400
+
+
+def test_max_connections_one_serves_one_connection(linear):
+    proc, url = start_server("--model", linear, "--model-name", "m", "--max-connections", 1)
+    try:
+        with httpx.Client(timeout=10) as client:  # one keep-alive connection
+            for _ in range(3):
+                assert client.post(_infer_url(url), json=_tensor([0] * 784, "UINT8")).status_code == 200
+            r = httpx.get(f"{url}/v2/health/live", timeout=10)  # a second connection meanwhile
+            assert r.status_code == 503 and "--max-connections" in r.json()["error"], r.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
