@@ -48,25 +48,44 @@ def _opened(data: bytes):
 
 
 def _reduced(img):
-    """Decode, reduce to at most WORK_SIDE in the image's own mode, then composite transparency over
-    white and convert to 8- or 32-bit gray: nothing is copied or converted at full size."""
+    """Decode, reduce to at most WORK_SIDE, then composite transparency over white and convert to 8-bit
+    gray (or 32-bit int / float gray): a conversion to a wider mode (P with transparency -> RGBA, I;16 -> I)
+    runs strip by strip, each strip reduced at once, so nothing wider than the decoded image is held whole."""
     from PIL import Image
 
     img.load()
-    wide = img.mode in ("I;16", "I;16B", "I;16L", "I")
-    if wide:
-        img = img.convert("I")
-    elif img.mode in ("P", "PA"):
-        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "L")
-    elif img.mode not in ("L", "LA", "RGB", "RGBA"):
-        img = img.convert("L")  # 1-bit, CMYK, YCbCr, F, ...
     factor = -(-max(img.size) // WORK_SIDE)
-    if factor > 1:
+    wide = img.mode in ("I;16", "I;16B", "I;16L", "I", "F")
+    if wide:
+        target = "F" if img.mode == "F" else "I"
+    elif img.mode in ("P", "PA"):
+        target = "RGBA" if img.mode == "PA" or "transparency" in img.info else "L"
+    elif img.mode not in ("L", "LA", "RGB", "RGBA"):
+        target = "L"  # 1-bit, CMYK, YCbCr, ...
+    else:
+        target = img.mode
+    if target != img.mode:
+        img = _convert_reduced(img, target, factor)
+    elif factor > 1:
         img = img.reduce(factor)  # box average in C
     if img.mode in ("LA", "RGBA"):
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     return (img if wide else img.convert("L")), wide
+
+
+def _convert_reduced(img, mode: str, factor: int):
+    """``img.convert(mode).reduce(factor)`` one strip of ``factor`` rows at a time (the same box averages)."""
+    from PIL import Image
+
+    if factor <= 1:
+        return img.convert(mode)
+    width, height = img.size
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, factor):
+        strip = img.crop((0, top, width, min(height, top + factor))).convert(mode)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -86,9 +105,11 @@ def decode_image(data: bytes) -> np.ndarray:
     except Exception as exc:  # a decoder's error on untrusted bytes (bad chunks, truncation, bombs): the file is bad
         detail = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
         raise ImageError(f"cannot decode the image ({detail})") from None
-    if wide:  # 16- or 32-bit gray: scale, never clip to 8 bits
-        values = np.asarray(reduced, dtype=np.float64)
-        top = 65535.0 if values.max() <= 65535 else float(values.max())
+    if wide:  # 16-bit, 32-bit or float gray: scaled by its range, never clipped to 8 bits
+        values = np.nan_to_num(np.asarray(reduced, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(values.max()) if values.size else 0.0
+        ranges = (1.0, 255.0, 65535.0) if reduced.mode == "F" else (65535.0,)  # float: [0, 1], [0, 255], ...
+        top = next((r for r in ranges if peak <= r), peak)
         return (np.clip(values, 0, None) / top).astype(np.float32)
     return np.asarray(reduced, dtype=np.float32) / 255.0
 

@@ -548,3 +548,39 @@ def test_max_connections_one_serves_one_connection(linear):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+_PEAK = r"""
+import io, resource, sys
+from PIL import Image
+from resnet_edge.preprocess import decode_image
+img = Image.new("P", (4096, 4096), 0) if sys.argv[1] == "P" else Image.new("I;16", (4096, 4096), 0)
+img.paste(1 if sys.argv[1] == "P" else 60000, (1000, 1000, 3000, 3000))
+buf = io.BytesIO()
+img.save(buf, "PNG", **({"transparency": 0} if sys.argv[1] == "P" else {}))
+data = buf.getvalue()
+del img, buf
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gray = decode_image(data)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024, gray.max())
+"""
+
+
+@pytest.mark.parametrize("mode", ["P", "I;16"])
+def test_wide_conversions_of_large_images_stay_within_the_decoded_limit(mode):
+    """P with transparency -> RGBA (64 MiB at 4096x4096) and I;16 -> I (64 MiB) ran at full size."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, mode], capture_output=True, text=True, timeout=60)
+    growth, peak = out.stdout.split()
+    assert int(growth) < 40 and float(peak) > 0.2, out.stdout + out.stderr  # under 32 MiB decoded; the square shows
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_tiff_is_scaled_by_its_range(scale):
+    from resnet_edge.preprocess import decode_image
+
+    a = np.zeros((28, 28), np.float32)
+    a[5:23, 12:16] = scale
+    buf = io.BytesIO()
+    Image.fromarray(a, "F").save(buf, "TIFF")
+    gray = decode_image(buf.getvalue())
+    assert gray.max() == pytest.approx(1.0) and gray.min() == 0.0
