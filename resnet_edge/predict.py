@@ -14,9 +14,19 @@ from .errors import UserError
 from .preprocess import image_to_pixels
 
 
+MAX_FILE_BYTES = 32 * 2**20  # an image file larger than this is refused before it is read
+
+
 def read_pixels(path: Path) -> Any:
     try:
-        data = Path(path).read_bytes()
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"{path}: file of {size / 2**20:.0f} MiB is over the limit of {MAX_FILE_BYTES // 2**20} MiB "
+                            f"for an image")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # a device or pipe has no size to stat
+        if len(data) > MAX_FILE_BYTES:
+            raise UserError(f"{path}: over the limit of {MAX_FILE_BYTES // 2**20} MiB for an image")
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:

@@ -584,3 +584,12 @@ def test_float_tiff_is_scaled_by_its_range(scale):
     Image.fromarray(a, "F").save(buf, "TIFF")
     gray = decode_image(buf.getvalue())
     assert gray.max() == pytest.approx(1.0) and gray.min() == 0.0
+
+
+def test_predict_refuses_a_huge_file_before_reading_it(tmp_path, linear):
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as f:
+        f.truncate(400 * 2**20)  # sparse: costs no disk
+    t0 = time.perf_counter()
+    assert "over the limit of 32 MiB" in error_line(["predict", path, "--model", linear])
+    assert time.perf_counter() - t0 < 2
