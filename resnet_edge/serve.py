@@ -260,6 +260,7 @@ class ServerState:
         self.pending_bytes = 0
         self.bytes_lock = threading.Lock()
         self.fatal: str | None = None
+        self.stopping = False  # SIGTERM/SIGINT received: readiness answers false
         self.stop_server: Callable[[], None] | None = None  # set by serve(): ends uvicorn
 
     async def work(self, fn: Callable[..., Any], *args: Any, size: int = INLINE_BYTES + 1) -> Any:
@@ -296,6 +297,14 @@ class ServerState:
     def give_bytes(self, n: int) -> None:
         with self.bytes_lock:
             self.pending_bytes -= n
+
+    def draining(self) -> None:
+        """Shutdown started: not ready from now on (requests already accepted still finish)."""
+        self.stopping = True
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready and not self.stopping
 
     def died(self, reason: str) -> None:
         """The batcher stopped for good: not ready at once, exit (status 1) shortly after."""
@@ -389,7 +398,7 @@ def _add_error_handlers(app: Any) -> None:
 
 
 def _ready_response(state: ServerState, body: dict[str, Any]) -> Response:
-    return JSONResponse({**body, "ready": state.ready}, status_code=200 if state.ready else 503)
+    return JSONResponse({**body, "ready": state.is_ready}, status_code=200 if state.is_ready else 503)
 
 
 def _add_health_routes(app: Any, state: ServerState) -> None:
@@ -617,7 +626,15 @@ def _guarded_http(client_timeout: float) -> type:
 
 class _GracefulServer(uvicorn.Server):
     """uvicorn's graceful shutdown on SIGINT/SIGTERM, then a normal exit (status 0): uvicorn itself
-    re-raises the signal afterwards, which makes a clean stop look like a crash to a supervisor."""
+    re-raises the signal afterwards, which makes a clean stop look like a crash to a supervisor.
+    ``on_exit`` runs at the signal: readiness (HTTP and gRPC) turns false while requests in flight drain."""
+
+    on_exit: Callable[[], None] | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[override]
@@ -676,6 +693,7 @@ def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[
                                             http=_guarded_http(config.client_timeout), timeout_keep_alive=5,
                                             limit_concurrency=config.max_connections + 1, **kwargs))  # uvicorn counts this one
     state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.on_exit = state.draining
     try:
         server.run(sockets=[sock])
     finally:

@@ -186,11 +186,11 @@ class GrpcServer:
         return messages()["ServerLiveResponse"](live=True)
 
     async def _server_ready(self, request: Any) -> Any:
-        return messages()["ServerReadyResponse"](ready=self.state.ready)
+        return messages()["ServerReadyResponse"](ready=self.state.is_ready)
 
     async def _model_ready(self, request: Any) -> Any:
         self._check_model(request.name, request.version)
-        return messages()["ModelReadyResponse"](ready=self.state.ready)
+        return messages()["ModelReadyResponse"](ready=self.state.is_ready)
 
     async def _server_metadata(self, request: Any) -> Any:
         from . import __version__

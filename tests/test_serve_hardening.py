@@ -593,3 +593,23 @@ def test_predict_refuses_a_huge_file_before_reading_it(tmp_path, linear):
     t0 = time.perf_counter()
     assert "over the limit of 32 MiB" in error_line(["predict", path, "--model", linear])
     assert time.perf_counter() - t0 < 2
+
+
+def test_grpc_is_not_ready_as_soon_as_shutdown_starts(linear):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    grpc_port = free_port()
+    proc, url = start_server("--model", linear, "--model-name", "m", "--grpc-port", grpc_port, "--client-timeout", 5)
+    slow = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    try:  # a request in flight keeps uvicorn draining
+        slow.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.2)
+        proc.send_signal(subprocess.signal.SIGTERM)
+        time.sleep(0.3)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert not stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
+    finally:
+        slow.close()
+        assert proc.wait(timeout=30) == 0
