@@ -133,13 +133,12 @@ class DynamicBatcher:
         self.pending += 1
         self.pending_rows += n
         try:
-            if len(futures) == 1:
-                return await futures[0]
-            parts = await asyncio.gather(*futures)
+            parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         finally:
             self.pending -= 1
             self.pending_rows -= n
-        return np.concatenate(parts)
+        self.requests += 1  # one request, however many batches it was split into
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if not self.io_binding:
@@ -206,7 +205,6 @@ class DynamicBatcher:
         for j in jobs:
             n = len(j.pixels)
             self.rows += n
-            self.requests += 1
             if not j.future.done():
                 j.future.set_result(logits[start:start + n])
             start += n
@@ -283,7 +281,9 @@ class ServerState:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.processes, parse_http_request, raw, header_value)
         except concurrent.futures.BrokenExecutor:
-            self.processes = None  # the worker died (killed for memory?): a new one next time
+            broken, self.processes = self.processes, None  # the worker died (killed for memory?): a new one next time
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
             raise RequestError(503, "the request parser stopped; retry later") from None
 
     def take_bytes(self, n: int) -> None:
@@ -358,7 +358,8 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
         if state.processes is not None:
             state.processes.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="resnet-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="resnet-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.server = state
     _add_error_handlers(app)
     _add_health_routes(app, state)

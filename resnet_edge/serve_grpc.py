@@ -6,7 +6,7 @@ raw_input_contents or typed contents; outputs always as raw_output_contents, as 
 The gRPC server (grpc.aio) runs on the HTTP server's event loop; requests get serve_v2's checks, the
 same as HTTP's, and go to the same batcher. Errors are gRPC status codes:
 INVALID_ARGUMENT (a bad request), NOT_FOUND (model or version), RESOURCE_EXHAUSTED (queue or bytes
-full, message too large), UNAVAILABLE (not ready), DEADLINE_EXCEEDED. No torch here.
+full, message too large), UNAVAILABLE (not ready), DEADLINE_EXCEEDED (a client's own deadline). No torch here.
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ def _status(exc: RequestError) -> Any:
 
     if isinstance(exc, Busy) or exc.status == 413:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-            503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class _Malformed:

@@ -233,6 +233,7 @@ def test_rows_over_the_queue_and_large_requests_split(linear):
         assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [16, 10]
         stats = httpx.get(f"{url}/v2/models/m/stats").json()["model_stats"][0]
         assert stats["execution_count"] == 4 and stats["inference_count"] == 16  # 16 rows in 4 batches of 4
+        assert stats["request_count"] == 1  # one request, split in 4 batches
         r = httpx.post(_infer_url(url), json=_tensor(x.tolist(), shape=(40, 784)))
         assert r.status_code == 413 and "over the server's queue of 16" in r.json()["error"]
         _assert_ready(url)
@@ -535,6 +536,7 @@ def test_grpc_answers_like_http_and_advertises_only_what_it_serves(small_server)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
     body = _tensor([0] * 784, "UINT8", outputs=[{"name": "logits", "parameters": {"classification": 3}}])
     assert httpx.post(_infer_url(url), json=body, timeout=10).status_code == 400
+    assert httpx.get(f"{url}/openapi.json", timeout=10).status_code == 404  # docs are off, and the schema too
 
 
 def test_max_connections_one_serves_one_connection(linear):
@@ -613,3 +615,26 @@ def test_grpc_is_not_ready_as_soon_as_shutdown_starts(linear):
     finally:
         slow.close()
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_dead_parser_process_pool_is_shut_down():
+    import concurrent.futures
+
+    from resnet_edge.config import ServerConfig
+    from resnet_edge.serve import PROCESS_BYTES, RequestError, ServerState
+
+    class Broken(concurrent.futures.Executor):
+        shut = False
+
+        def submit(self, *args, **kwargs):
+            raise concurrent.futures.BrokenExecutor("the worker died")
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            self.shut = True
+
+    state = ServerState(ServerConfig(model_path="m.onnx"), {})
+    state.processes = broken = Broken()
+    with pytest.raises(RequestError) as info:
+        asyncio.run(state.parse(b" " * (PROCESS_BYTES + 1), None))
+    assert info.value.status == 503 and broken.shut and state.processes is None
+    state.pool.shutdown()
