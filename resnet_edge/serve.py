@@ -607,6 +607,16 @@ def _guarded_http(client_timeout: float) -> type:
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self.transport.close()
 
+        def send_400_response(self, msg: str) -> None:  # a request httptools cannot parse: {"error": ...} too
+            import json
+
+            body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+            head = [httptools_impl.STATUS_LINE[400], *(name + b": " + value + b"\r\n" for name, value in
+                                                        self.server_state.default_headers)]
+            self.transport.write(b"".join([*head, b"content-type: application/json\r\ncontent-length: ",
+                                           str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n", body]))
+            self.transport.close()
+
         def on_headers_complete(self) -> None:
             self._in_headers = False
             super().on_headers_complete()
