@@ -108,7 +108,8 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
     if server == "resnet-edge":
         cmd = [sys.executable, "-m", "resnet_edge", "serve", "--model", str(model), "--model-name", "m",
                "--port", str(http), "--grpc-port", str(grpc), "--max-batch-size", str(args.max_batch_size),
-               "--max-delay-ms", str(args.max_delay_ms)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--max-delay-ms", str(args.max_delay_ms)] + (["--threads", str(args.threads)] if args.threads else []) \
+            + args.server_args.split()
         env = None
     else:
         folder = workdir / "mlserver"
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--server-args", default="", help="extra resnet-edge serve options, e.g. '--max-pending-bytes "
+                    "1073741824' (gRPC runs at most max-pending-bytes / max-body-bytes RPCs at once: 32 by default)")
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--servers", default="resnet-edge,mlserver")
