@@ -14,26 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from timing import p50_ms
 
 from resnet_edge.data import load_test_split
 from resnet_edge.fp16 import write_fp16
 from resnet_edge.machine import machine
 from resnet_edge.runtime import create_session
-
-
-def p50_ms(session, x: np.ndarray, runs: int) -> float:
-    for _ in range(10):
-        session.run(None, {"pixels": x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, {"pixels": x})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def main() -> None:

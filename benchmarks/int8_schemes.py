@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from timing import p50_ms
+
 from resnet_edge.bench import float_convolutions
 from resnet_edge.contract import to_pixels
 from resnet_edge.data import load_split
@@ -29,17 +31,6 @@ from resnet_edge.int8 import SCHEMES
 from resnet_edge.machine import machine
 from resnet_edge.quantize import QuantizationConfig, _quantize, calibration_images
 from resnet_edge.runtime import create_session, evaluate_session
-
-
-def p50_ms(session: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
-    for _ in range(20):
-        session.run(None, {"pixels": x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, {"pixels": x})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def main() -> None:
