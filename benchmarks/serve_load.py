@@ -15,75 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_loadgen import free_port, run_load, wait_ready  # noqa: E402
 
-from resnet_edge.data import load_test_split
-from resnet_edge.machine import machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_requests(name: str, port: int, count: int = 256) -> list[bytes]:
-    images, _ = load_test_split()
-    reqs = []
-    for i in range(count):
-        body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784],
-                                       "data": np.round(images[i].reshape(-1) * 255).astype(int).tolist()}]}).encode()
-        head = (f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-        reqs.append(head + body)
-    return reqs
-
-
-async def client(port: int, requests: list[bytes], offset: int, stop_at: float, latencies: list[float],
-                 errors: list[str]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    i = offset
-    try:
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            writer.write(requests[i % len(requests)])
-            i += 1
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-            await reader.readexactly(length)
-            if status == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors.append(str(status))
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        errors.append(type(exc).__name__)
-    finally:
-        writer.close()
-
-
-async def load(port: int, name: str, clients: int, seconds: float) -> dict:
-    requests = build_requests(name, port)
-    latencies: list[float] = []
-    errors: list[str] = []
-    # One short warm-up so the first requests do not pay for lazy initialization.
-    await asyncio.gather(*(client(port, requests, k, time.perf_counter() + 1.0, [], []) for k in range(clients)))
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(port, requests, k * 7, t0 + seconds, latencies, errors) for k in range(clients)))
-    elapsed = time.perf_counter() - t0
-    ms = np.array(latencies) * 1e3
-    return {"requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors)),
-            "seconds": elapsed, "requests_per_second": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-            "p90_ms": float(np.percentile(ms, 90)) if len(ms) else None,
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None}
+from resnet_edge.machine import machine  # noqa: E402
 
 
 def run_setting(model: Path, max_batch_size: int, max_delay_ms: float, clients: int, seconds: float, threads: int | None,
@@ -96,18 +36,8 @@ def run_setting(model: Path, max_batch_size: int, max_delay_ms: float, clients: 
         cmd += ["--threads", str(threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
-        result = asyncio.run(load(port, "m", clients, seconds))
+        wait_ready(server, f"http://127.0.0.1:{port}/v2/health/ready", lambda: server.stderr.read(), timeout=60)
+        result = asyncio.run(run_load(["json"], clients, seconds, "m", port, None))["json"]
     finally:
         server.terminate()
         server.wait(timeout=30)

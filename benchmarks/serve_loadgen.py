@@ -21,6 +21,32 @@ import numpy as np
 MODES = ("json", "binary", "grpc")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, url: str, why, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; exit with ``why()`` (the server's output) if ``proc`` ends or
+    ``timeout`` seconds pass first."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {why()}")
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return
+        except OSError:
+            if time.time() > deadline:
+                raise SystemExit(f"server did not become ready: {why()}")
+            time.sleep(0.2)
+
+
 def test_images(count: int = 256) -> np.ndarray:
     from resnet_edge.data import load_test_split
 

@@ -24,12 +24,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, line, run_load  # noqa: E402
+from serve_loadgen import MODES, free_port, line, run_load, wait_ready  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
 
@@ -61,14 +59,6 @@ class OnnxDigits(MLModel):
 '''
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_venv(venv: Path, version: str) -> Path:
     python = venv / "bin" / "python"
     if not python.exists():
@@ -88,20 +78,6 @@ def mlserver_folder(model: Path, folder: Path, http: int, grpc: int, args: argpa
         "parameters": {"uri": str(model.resolve()), "extra": {"threads": args.threads or 0}}}))
 
 
-def wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/m/ready", timeout=1).status == 200:
-                return
-        except OSError:
-            if time.time() > deadline:
-                raise SystemExit(f"server did not become ready: {log.read_text()[-2000:]}")
-            time.sleep(0.3)
-
-
 def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mlserver: Path | None) -> tuple:
     http, grpc = free_port(), free_port()
     log = workdir / f"{server}.log"
@@ -117,7 +93,7 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
         mlserver_folder(model, folder, http, grpc, args)
         cmd, env = [str(mlserver), "start", str(folder)], {**os.environ, "PYTHONPATH": str(folder)}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    wait_ready(proc, http, log)
+    wait_ready(proc, f"http://127.0.0.1:{http}/v2/models/m/ready", lambda: log.read_text()[-2000:])
     return proc, http, grpc
 
 

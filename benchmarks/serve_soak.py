@@ -21,37 +21,18 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, line, run_load  # noqa: E402
+from serve_loadgen import MODES, free_port, line, run_load, wait_ready  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, int, int]:
-    import urllib.request
-
     port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "resnet_edge", "serve", "--model", str(model), "--model-name", "m", "--port", str(port),
            "--grpc-port", str(grpc_port), *extra]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while True:
-        if server.poll() is not None:
-            raise SystemExit(f"server exited: {server.stderr.read()}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
-                return server, port, grpc_port
-        except OSError:
-            if time.time() > deadline:
-                raise SystemExit("server did not start")
-            time.sleep(0.2)
+    wait_ready(server, f"http://127.0.0.1:{port}/v2/health/ready", lambda: server.stderr.read(), timeout=60)
+    return server, port, grpc_port
 
 
 class RssSampler(threading.Thread):
