@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,7 @@ def write_fp16(fp32_path: Path, out_path: Path, images: np.ndarray, labels: np.n
             test_accuracy=acc, fp32_accuracy=fp32_acc, accuracy_drop_points=100 * (fp32_acc - acc),
             top1_agreement=float((logits.argmax(1) == reference.argmax(1)).mean()),
             max_abs_diff=float(np.abs(logits - reference).max()), images_per_second_cpu=speed,
-            converted_nodes=sum(1 for n in proto.graph.node if n.op_type != "Cast"),
-            float32_nodes=_float32_nodes(proto))
+            **_node_precision(proto))
         problems = []
         if result.top1_agreement < MIN_TOP1_AGREEMENT:
             problems.append(f"top-1 agrees with FP32 on {100 * result.top1_agreement:.2f} % of the test images "
@@ -91,10 +91,12 @@ def write_fp16(fp32_path: Path, out_path: Path, images: np.ndarray, labels: np.n
     return result
 
 
-def _float32_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Op types the converter left computing in float32 (non-Cast nodes with a float32 output)."""
+def _node_precision(proto: onnx.ModelProto) -> dict[str, Any]:
+    """How many compute nodes (all but Cast) run in float16, and the op types left computing in float32
+    (a float32 output)."""
     inferred = onnx.shape_inference.infer_shapes(proto)
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
-    return sorted({n.op_type for n in inferred.graph.node
-                   if n.op_type != "Cast" and any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output)})
+    compute = [n for n in inferred.graph.node if n.op_type != "Cast"]
+    in_float32 = [n for n in compute if any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output)]
+    return {"converted_nodes": len(compute) - len(in_float32), "float32_nodes": sorted({n.op_type for n in in_float32})}

@@ -41,6 +41,7 @@ def test_fp16_keeps_fp32s_answers_on_the_whole_test_set(fp16_run):
     assert h["test_accuracy"] == pytest.approx(acc16) and h["max_abs_diff"] == pytest.approx(np.abs(fp16 - fp32).max(), rel=1e-3)
     assert 0 < h["max_abs_diff"] < 0.1  # float16 rounding shows, but stays small against logits of order 10
     assert h["bytes"] == (run / "model.fp16.onnx").stat().st_size and h["size_ratio"] < 0.6
+    assert h["converted_nodes"] > 0 and h["float32_nodes"] == []  # resnet8: every compute node in float16
 
 
 def test_fp16_contract_is_float32_in_and_out_with_float16_weights(fp16_run):
