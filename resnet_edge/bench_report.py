@@ -48,7 +48,8 @@ def diagnose(report: dict[str, Any]) -> list[str]:
         if r["variant"] == "onnx-fp16" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
             cause = ("ONNX Runtime's CPU provider has few tuned float16 kernels (its fast paths are float32 "
                      "and int8); FP16 is the GPU variant" if provider in ("cpu", "CPUExecutionProvider") else
-                     "at this batch the GPU is launch-bound, not compute-bound, so half precision saves nothing")
+                     "on this provider and batch size half precision did not pay; at small batches a GPU is often "
+                     "bound by kernel launches, not arithmetic")
             notes.append(f"FP16 is {1 / r['speedup_p50']:.2f}x slower than FP32 at batch {r['batch_size']}: {cause}.")
     for v, info in report["variants"].items():
         if info.get("cpu_problem"):
