@@ -535,6 +535,7 @@ def serve_cli(
     port: int = typer.Option(ServerConfig.port, help="Port to listen on."),
     provider: str = typer.Option(ServerConfig.provider, help="ONNX Runtime execution provider."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+    instances: int = typer.Option(ServerConfig.instances, help="Batches ONNX Runtime runs at once (a new batch gathers while they run)."),
     max_batch_size: int = typer.Option(ServerConfig.max_batch_size, help="Most rows per ONNX Runtime call (1 turns batching off)."),
     max_delay_ms: float = typer.Option(ServerConfig.max_delay_ms, help="How long a request waits for others to batch with."),
     max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="Larger request bodies get 413."),
@@ -547,7 +548,7 @@ def serve_cli(
     """Serve the model: Open Inference Protocol (KServe v2) over HTTP (JSON and binary tensors) and gRPC, and /v1/predict for image files."""
     from .serve import serve
 
-    config = ServerConfig(model_name=model_name, provider=provider, threads=threads, max_batch_size=max_batch_size,
+    config = ServerConfig(model_name=model_name, provider=provider, threads=threads, instances=instances, max_batch_size=max_batch_size,
                           max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
                           max_pending_bytes=max_pending_bytes, max_connections=max_connections,
                           client_timeout=client_timeout, host=host, port=port, grpc_port=grpc_port)  # checked before any model is read

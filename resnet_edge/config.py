@@ -197,6 +197,7 @@ class ServerConfig:
     model_name: str | None = None  # the name in the URLs; None: the architecture in the model's metadata
     provider: str = "cpu"
     threads: int | None = None
+    instances: int = 1  # ONNX Runtime calls (batches) at once
     max_batch_size: int = 64  # rows per ONNX Runtime call; a larger request is split into batches
     max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
     max_queue: int = 4096  # images (rows) accepted and not answered yet; beyond this: 503
@@ -221,6 +222,7 @@ class ServerConfig:
         _finite("--client-timeout", self.client_timeout)
         _at_least("--client-timeout", self.client_timeout, 0.1)
         _at_least("--threads", self.threads, 1)
+        _at_least("--instances", self.instances, 1)
         for option, port in (("--port", self.port), ("--grpc-port", self.grpc_port)):
             if not 0 <= port <= 65535:
                 raise UserError(f"{option} must be 0-65535, got {port}")

@@ -122,6 +122,9 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    import os
+    if os.environ.get("RE_NOSPIN"):
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and hasattr(ort, "preload_dlls"):
         try:  # CUDA and cuDNN from the nvidia-* wheels (those PyTorch uses), without importing torch
             ort.preload_dlls()

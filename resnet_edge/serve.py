@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
+import re
 import signal
 import socket
 import threading
@@ -31,7 +33,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from .config import ServerConfig
@@ -61,36 +62,44 @@ class ModelFailure(Exception):
 class _Job:
     pixels: np.ndarray
     future: asyncio.Future = field(repr=False)
+    queued: float = 0.0  # event-loop time it was queued: a batch waits for company until queued + max_delay
 
 
 class DynamicBatcher:
     """Joins concurrent requests into one ONNX Runtime call; each caller gets exactly its own rows.
 
     ``max_queue`` bounds the rows accepted and not answered yet; a request above ``max_batch_size``
-    rows is split into batches of at most that. ``io_binding`` feeds the session through ONNX
-    Runtime's IOBinding (one host-to-device copy per batch on a GPU provider)."""
+    rows is split into batches of at most that. Up to ``instances`` batches run at once (ONNX Runtime
+    sessions are thread-safe); while they run, the next batch gathers, so request handling on the
+    event loop overlaps inference instead of taking turns with it. ``io_binding`` feeds the session
+    through ONNX Runtime's IOBinding (one host-to-device copy per batch on a GPU provider)."""
 
     def __init__(self, session: Any, max_batch_size: int, max_delay_ms: float, max_queue: int,
-                 io_binding: bool = False, on_death: Callable[[str], None] | None = None) -> None:
+                 io_binding: bool = False, on_death: Callable[[str], None] | None = None, instances: int = 1) -> None:
         self.session = session
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1e3
         self.max_queue = max_queue
+        self.instances = instances
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=instances, thread_name_prefix="onnxruntime")
         self.io_binding = io_binding
         self.on_death = on_death
         self.task: asyncio.Task | None = None
+        self.slots: asyncio.Semaphore | None = None  # free instances
         self.dead: str | None = None  # why the batcher stopped for good
+        self.failure: BaseException | None = None  # what killed it, when a running batch did
         self.batches = 0  # ONNX Runtime calls made
         self.rows = 0  # images answered
         self.requests = 0  # requests answered
-        self.pending = 0  # requests accepted and not answered yet (queued or in the running batch)
+        self.pending = 0  # requests accepted and not answered yet (queued or in a running batch)
         self.pending_rows = 0
-        self.inflight: list[_Job] = []  # the jobs of the batch being gathered or run
+        self.inflight: list[_Job] = []  # the jobs of the batch being gathered
         self.held: _Job | None = None  # taken from the queue for the next batch
+        self.running: dict[asyncio.Task, list[_Job]] = {}  # batches handed to ONNX Runtime
 
     def start(self) -> None:
+        self.slots = asyncio.Semaphore(self.instances)
         self.task = asyncio.get_running_loop().create_task(self._loop())
         self.task.add_done_callback(self._ended)
 
@@ -99,20 +108,24 @@ class DynamicBatcher:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        for task in list(self.running):
+            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     def _ended(self, task: asyncio.Task) -> None:
-        """The loop ended: cancelled at shutdown, or died. Either way nobody waits forever."""
-        reason = "the server is shutting down" if task.cancelled() else f"the batcher stopped ({task.exception()!r:.200})"
+        """The loop ended: cancelled at shutdown, or died (itself or in a batch). Either way nobody waits forever."""
+        failure = self.failure or (None if task.cancelled() else task.exception())
+        reason = f"the batcher stopped ({failure!r:.200})" if failure else "the server is shutting down"
         self.dead = reason
-        waiting = [*self.inflight, *([self.held] if self.held else [])]
+        waiting = [*self.inflight, *([self.held] if self.held else []), *(j for jobs in self.running.values() for j in jobs)]
         while not self.queue.empty():
             waiting.append(self.queue.get_nowait())
         for job in waiting:
             if not job.future.done():
                 job.future.set_exception(RequestError(503, f"not ready: {reason}"))
-        if not task.cancelled():
-            log.error("batcher died: %r", task.exception())
+        if failure is not None:
+            log.error("batcher died: %r", failure)
             if self.on_death is not None:
                 self.on_death(reason)
 
@@ -125,10 +138,11 @@ class DynamicBatcher:
         if self.pending_rows + n > self.max_queue:
             raise Busy(f"server busy: {self.pending_rows} images already queued (limit {self.max_queue}); retry later")
         loop = asyncio.get_running_loop()
+        now = loop.time()
         futures = []
         for start in range(0, n, self.max_batch_size):  # a large request is split into whole batches
             future = loop.create_future()
-            self.queue.put_nowait(_Job(pixels[start:start + self.max_batch_size], future))
+            self.queue.put_nowait(_Job(pixels[start:start + self.max_batch_size], future, now))
             futures.append(future)
         self.pending += 1
         self.pending_rows += n
@@ -149,28 +163,38 @@ class DynamicBatcher:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    async def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None]:
-        """``first`` and what joins it within the delay, up to max_batch_size rows; the job that did not fit."""
-        loop = asyncio.get_running_loop()
-        jobs, rows = self.inflight, len(first.pixels)  # self.inflight is [first]
-        deadline = loop.time() + self.max_delay
-        while rows < self.max_batch_size:
-            try:
-                nxt = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+    def _take(self, jobs: list[_Job], rows: int) -> tuple[int, _Job | None]:
+        """Add queued jobs to ``jobs`` without waiting, up to max_batch_size rows; the job that did not fit."""
+        while rows < self.max_batch_size and not self.queue.empty():
+            nxt = self.queue.get_nowait()
             if rows + len(nxt.pixels) > self.max_batch_size:
                 self.held = nxt
-                return jobs, nxt  # starts the next batch; a batch never exceeds the limit
+                return rows, nxt  # starts the next batch; a batch never exceeds the limit
             jobs.append(nxt)
             rows += len(nxt.pixels)
-        return jobs, None
+        return rows, None
+
+    async def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None]:
+        """``first`` and what joins it until max_delay after ``first`` was queued, up to max_batch_size rows;
+        the job that did not fit."""
+        loop = asyncio.get_running_loop()
+        jobs = self.inflight  # [first]
+        rows, over = self._take(jobs, len(first.pixels))
+        deadline = first.queued + self.max_delay
+        while over is None and rows < self.max_batch_size:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                nxt = await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                break
+            if rows + len(nxt.pixels) > self.max_batch_size:
+                self.held = over = nxt
+                break
+            jobs.append(nxt)
+            rows, over = self._take(jobs, rows + len(nxt.pixels))
+        return jobs, over
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,9 +203,22 @@ class DynamicBatcher:
             first = pending or await self.queue.get()
             self.inflight, self.held = [first], None
             jobs, pending = await self._collect(first)
+            assert self.slots is not None
+            await self.slots.acquire()  # every instance busy: the queue grows meanwhile, and the batch takes it
+            if pending is None:
+                _, pending = self._take(jobs, sum(len(j.pixels) for j in jobs))
             jobs = [j for j in jobs if not j.future.done()]  # callers that went away
+            self.inflight = []
             if not jobs:
+                self.slots.release()
                 continue
+            task = loop.create_task(self._batch(jobs))
+            self.running[task] = jobs
+            task.add_done_callback(self._batch_done)
+
+    async def _batch(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             batch = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
             try:
                 logits = await loop.run_in_executor(self.executor, self._run, batch)
@@ -190,7 +227,7 @@ class DynamicBatcher:
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(RequestError(503, f"inference failed: {type(exc).__name__}; retry later"))
-                continue
+                return
             if getattr(logits, "shape", None) != (len(batch), NUM_CLASSES):
                 for j in jobs:
                     if not j.future.done():
@@ -198,6 +235,17 @@ class DynamicBatcher:
                 raise ModelFailure(f"the model answered a batch of {len(batch)} rows with {getattr(logits, 'shape', None)}, "
                                    f"expected ({len(batch)}, {NUM_CLASSES})")
             self._deliver(jobs, logits)
+        finally:
+            assert self.slots is not None
+            self.slots.release()
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self.running.pop(task, None)
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failure = task.exception()  # fatal (ModelFailure, or a bug of ours): the whole batcher stops
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
     def _deliver(self, jobs: list[_Job], logits: np.ndarray) -> None:
         self.batches += 1
@@ -319,7 +367,8 @@ class ServerState:
 
 
 def create_app(config: ServerConfig, session: Any | None = None) -> Any:
-    """The FastAPI app for one model. The session is created here unless given (tests may pass one)."""
+    """The ASGI app for one model (InferenceApp in front of FastAPI; ``.state.server`` is its ServerState).
+    The session is created here unless given (tests may pass one)."""
     from contextlib import asynccontextmanager
 
     from . import __version__
@@ -335,7 +384,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     @asynccontextmanager
     async def lifespan(app: Any):
         batcher = DynamicBatcher(session, config.max_batch_size, config.max_delay_ms, config.max_queue,
-                                 io_binding=io_binding, on_death=state.died)
+                                 io_binding=io_binding, on_death=state.died, instances=config.instances)
         state.loop = asyncio.get_running_loop()
         batcher.start()
         grpc_server = None
@@ -364,7 +413,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     _add_error_handlers(app)
     _add_health_routes(app, state)
     _add_inference_routes(app, state)
-    return app
+    return InferenceApp(app, state)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -466,62 +515,114 @@ def _memory_report(provider: str) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _body(request: Request, state: ServerState):
+async def _body(headers: Any, receive: Callable[[], Any], state: ServerState):
     """The request body, counted against --max-pending-bytes as it arrives and until the response (headers
-    that only promise bytes hold none); 413 past --max-body-bytes (by Content-Length or while streaming)."""
+    that only promise bytes hold none); 413 past --max-body-bytes (by Content-Length or while streaming).
+    ``headers``: a mapping with .get (lower-case names); ``receive``: the ASGI receive callable."""
     limit = state.config.max_body_bytes
-    length = request.headers.get("content-length")
+    length = headers.get("content-length")
     if length is not None:
         if not ascii_count(length, 15):
             raise RequestError(400, "malformed Content-Length header")
         if int(length) > limit:
             raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
     taken = 0  # bytes received and counted: a declared Content-Length alone reserves nothing
     try:
-        chunks, size = [], 0
-
-        async def read() -> None:
-            nonlocal size, taken
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
+        chunks = []
+        while True:  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            if chunk:
+                if taken + len(chunk) > limit:
                     raise RequestError(413, f"request body is over the limit of {limit} bytes")
-                if size > taken:
-                    state.take_bytes(size - taken)
-                    taken = size
+                state.take_bytes(len(chunk))
+                taken += len(chunk)
                 chunks.append(chunk)
-
-        try:
-            await read()  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
-        except ClientDisconnect:
-            raise RequestError(400, "the client went away before sending the whole body") from None
-        yield b"".join(chunks)
+            if not message.get("more_body", False):
+                break
+        yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         state.give_bytes(taken)
 
 
-def _add_inference_routes(app: Any, state: ServerState) -> None:
-    """POST /v2/models/{name}[/versions/1]/infer (tensors) and /v1/predict (one image file)."""
-    from .preprocess import ImageError, image_to_pixels
+class _Headers:
+    """The ASGI scope's headers as a read-only mapping of lower-case str names (the first of repeats)."""
 
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def get(self, name: str, default: Any = None) -> Any:
+        key = name.encode("latin-1")
+        for k, v in self._raw:
+            if k == key:
+                return v.decode("latin-1")
+        return default
+
+
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+async def infer_response(state: ServerState, headers: Any, receive: Callable[[], Any], name: str,
+                         version: str | None) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """POST .../infer: status, body and extra headers (JSON errors as {"error": message})."""
     config = state.config
-
-    async def infer(request: Request) -> Response:
-        _check_model(config, request.path_params["name"], request.path_params.get("version", "1"))
-        async with _body(request, state) as raw:
-            parsed = await state.parse(raw, request.headers.get(HEADER_LENGTH))
+    try:
+        _check_model(config, name, version or "1")
+        async with _body(headers, receive, state) as raw:
+            parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
             logits = await state.infer(parsed.pixels)
             body, header_length = await state.work(encode_http_response, config.model_name, parsed, logits,
                                                    size=logits.nbytes * 8)
-        if header_length is None:
-            return Response(body, media_type="application/json")
-        return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+    except RequestError as exc:
+        return exc.status, json.dumps({"error": str(exc)}).encode(), [(b"content-type", b"application/json")]
+    if header_length is None:
+        return 200, body, [(b"content-type", b"application/json")]
+    return 200, body, [(b"content-type", b"application/octet-stream"),
+                       (HEADER_LENGTH.lower().encode(), str(header_length).encode())]
 
-    # Plain Starlette routes, matched first: the hot path skips FastAPI's parameter solving (~20 % of a
-    # small request's CPU time in a profile).
+
+class InferenceApp:
+    """The ASGI app `serve` runs: POST .../infer, the hot path, answered here in plain ASGI (no framework
+    layers: they cost as much CPU as parsing a JSON image); everything else goes to the FastAPI app."""
+
+    def __init__(self, fastapi_app: Any, state: ServerState) -> None:
+        self.fastapi = fastapi_app
+        self.state = fastapi_app.state  # .server: the ServerState
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match:
+                try:
+                    status, body, extra = await infer_response(self.state.server, _Headers(scope["headers"]), receive,
+                                                               *match.groups())
+                except Exception:  # a bug of ours; the fuzz test hunts these
+                    log.exception("unhandled error")
+                    status, body, extra = 500, b'{"error": "internal server error"}', [(b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [*extra, (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.fastapi(scope, receive, send)
+
+
+def _add_inference_routes(app: Any, state: ServerState) -> None:
+    """POST /v2/models/{name}[/versions/1]/infer (tensors; served by InferenceApp, and here for other ASGI
+    servers that mount the FastAPI app alone) and /v1/predict (one image file)."""
+    from .preprocess import ImageError, image_to_pixels
+
+    async def infer(request: Request) -> Response:
+        status, body, extra = await infer_response(state, request.headers, request.receive, request.path_params["name"],
+                                                   request.path_params.get("version"))
+        return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in extra})
+
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
         app.router.routes.insert(0, Route(path, infer, methods=["POST"]))
 
@@ -533,7 +634,7 @@ def _add_inference_routes(app: Any, state: ServerState) -> None:
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        async with _body(request, state) as raw:
+        async with _body(request.headers, request.receive, state) as raw:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 data = await _multipart_file(request, raw)
             else:
@@ -701,7 +802,7 @@ def serve(config: ServerConfig, log_level: str = "warning", announce: Callable[[
 
         kwargs["loop"] = "uvloop"
     server = _GracefulServer(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
-                                            http=_guarded_http(config.client_timeout), timeout_keep_alive=5,
+                                            http=_guarded_http(config.client_timeout), timeout_keep_alive=5, proxy_headers=False,
                                             limit_concurrency=config.max_connections + 1, **kwargs))  # uvicorn counts this one
     state.stop_server = lambda: setattr(server, "should_exit", True)
     server.on_exit = state.draining

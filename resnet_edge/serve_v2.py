@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .contract import IMAGE_PIXELS, IMAGE_SIZE, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, softmax, to_pixels
 
@@ -98,10 +99,21 @@ def _range_error(datatype: str, values: np.ndarray) -> RequestError:
     return RequestError(400, f"{rule}, got values from {values.min():g} to {values.max():g}")
 
 
-def json_values(data: Any) -> np.ndarray:
-    """JSON `data`, flat or evenly nested numbers (never booleans or strings) -> float64 1-D array."""
+def json_values(data: Any, booleans_possible: bool = True) -> np.ndarray:
+    """JSON `data`, flat or evenly nested numbers (never booleans or strings) -> int64 or float64 1-D array.
+
+    ``booleans_possible=False`` (the body holds no true/false token) allows the fast path: numpy infers
+    int64 or float64 from numbers alone, and every other kind (strings, null, objects, ragged nesting,
+    integers past 64 bits) goes through the checks below, which word the error."""
     if not isinstance(data, list):
         raise RequestError(400, f"input 'data' must be a JSON array of numbers, got {type(data).__name__}")
+    if not booleans_possible:
+        try:
+            values = np.array(data)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            values = None
+        if values is not None and values.dtype.kind in "if" and values.dtype.itemsize == 8:
+            return values.reshape(-1)
     if data and isinstance(data[0], list):  # nested: numpy finds out whether it is even
         try:
             flat = np.asarray(data, dtype=object).reshape(-1)
@@ -135,6 +147,10 @@ def _short(value: Any) -> str:
 
 # ------------------------------------------------------------------------------------------ HTTP requests
 def _loads(raw: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)  # strict JSON, 4-6x faster than json for an image's numbers
+    except orjson.JSONDecodeError:
+        pass  # NaN/Infinity, lone surrogates, integers past 64 bits, nesting past 1024: json decides and words it
     try:
         return json.loads(bytes(raw))
     except RecursionError:
@@ -183,7 +199,9 @@ def parse_http_request(raw: bytes, header_value: str | None = None) -> InferRequ
     else:
         if length is not None and length != len(raw):
             raise RequestError(400, f"{len(raw) - length} bytes after the JSON header but no input has binary_data_size")
-        values = json_values(tensor.get("data"))
+        end = len(raw) if length is None else length  # a JSON boolean comes from a true/false token only
+        booleans = raw.find(b"true", 0, end) >= 0 or raw.find(b"false", 0, end) >= 0
+        values = json_values(tensor.get("data"), booleans)
     pixels = tensor_pixels(tensor["datatype"], n, values)
     outputs = requested_outputs(body.get("outputs"), _parameters(body, "request").get("binary_data_output", False))
     return InferRequest(pixels, outputs, request_id)
@@ -239,12 +257,16 @@ def encode_http_response(model_name: str, request: InferRequest, logits: np.ndar
             entry["parameters"] = {"binary_data_size": t.nbytes}
             blobs.append(t.tobytes())
         else:
-            entry["data"] = t.reshape(-1).tolist()
+            entry["data"] = t.reshape(-1)
         described.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": described}
     if request.request_id is not None:
         response["id"] = request.request_id
-    header = json.dumps(response).encode()
+    try:
+        header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)  # float32 in its shortest exact form
+    except orjson.JSONEncodeError:  # an id json accepted that orjson will not write (a lone surrogate)
+        header = json.dumps({**response, "outputs": [{**e, "data": e["data"].tolist()} if "data" in e else e
+                                                     for e in described]}).encode()
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -261,6 +262,123 @@ def test_split_request_matches_unsplit_rows():
     assert out[:, 0].tolist() == list(range(10)) and batches == 4
 
 
+@pytest.mark.parametrize("instances", [1, 2])
+def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instances):
+    """Batches are pipelined: while ONNX Runtime runs one, the next gathers (and with --instances 2 runs
+    beside it); never more runs at once than instances, never more rows than max_batch_size, and every
+    caller gets its own rows."""
+    lock, running, seen = threading.Lock(), [0], {"most": 0, "sizes": []}
+
+    class Slow:  # 50 ms a batch; logits = the first pixel of each row
+        def run(self, names, feeds):
+            with lock:
+                running[0] += 1
+                seen["most"] = max(seen["most"], running[0])
+                seen["sizes"].append(len(feeds["pixels"]))
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return [np.repeat(feeds["pixels"][:, 0, 0, :1], 10, axis=1)]
+
+    async def scenario():
+        batcher = DynamicBatcher(Slow(), max_batch_size=4, max_delay_ms=0, max_queue=100, instances=instances)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.infer(np.zeros((1, 1, 28, 28), np.float32)))
+        await asyncio.sleep(0.01)  # the first batch (1 row) is running: these queue behind it
+        rest = [batcher.infer(np.full((1, 1, 28, 28), i, np.float32)) for i in range(1, 11)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return results
+
+    from resnet_edge.serve import DynamicBatcher
+
+    results = asyncio.run(scenario())
+    assert all(r.shape == (1, 10) and (r == i).all() for i, r in enumerate(results))
+    assert seen["most"] == instances and max(seen["sizes"]) == 4
+    assert seen["sizes"][0] == 1 and seen["sizes"][1] == 4  # the second batch took what queued during the first
+
+
+def test_a_running_batch_that_breaks_the_contract_stops_the_batcher():
+    from resnet_edge.serve import DynamicBatcher, RequestError
+
+    deaths = []
+
+    class Extra:  # one row too many: the model broke its contract
+        def run(self, names, feeds):
+            return [np.zeros((len(feeds["pixels"]) + 1, 10), np.float32)]
+
+    async def scenario():
+        batcher = DynamicBatcher(Extra(), max_batch_size=4, max_delay_ms=0, max_queue=10, on_death=deaths.append,
+                                 instances=2)
+        batcher.start()
+        first = await asyncio.gather(batcher.infer(np.zeros((1, 1, 28, 28), np.float32)), return_exceptions=True)
+        await asyncio.sleep(0.01)
+        late = await asyncio.gather(batcher.infer(np.zeros((1, 1, 28, 28), np.float32)), return_exceptions=True)
+        await batcher.stop()
+        return first + late
+
+    results = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert all(isinstance(r, RequestError) and r.status == 503 for r in results), results
+    assert "contract" in str(results[0]) and "not ready" in str(results[1])
+    assert len(deaths) == 1 and "ModelFailure" in deaths[0]
+
+
+def _body_of(data, datatype="FP32", shape=(1, 784), **extra) -> bytes:
+    return json.dumps({"inputs": [{"name": "pixels", "datatype": datatype, "shape": list(shape), "data": data}],
+                       **extra}).encode()
+
+
+@pytest.mark.parametrize("data, words", [
+    (["0.5"] * 784, "only numbers"),
+    ([None] * 784, "only numbers"),
+    ([0.5] * 783 + [{"a": 1}], "only numbers"),
+    ([[0.5] * 392, [0.5] * 391], "evenly nested"),
+    ([[0.5] * 392, [0.5] * 391 + [[0.5]]], "only numbers"),
+    ([1] * 783 + [2**63], "pixels must be"),  # past int64: numpy makes it a float, the range check refuses it
+    ([1] * 783 + [2**64 * 10**10], "pixels must be"),
+])
+def test_json_fast_path_refuses_what_the_checks_refuse(data, words):
+    """Bodies without a true/false token take numpy's type inference; everything but int64/float64
+    numbers still gets the worded 400."""
+    from resnet_edge.serve_v2 import RequestError, parse_http_request
+
+    body = _body_of(data)
+    assert b"true" not in body and b"false" not in body
+    with pytest.raises(RequestError) as info:
+        parse_http_request(body)
+    assert info.value.status == 400 and words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("datatype, shape, make", [
+    ("UINT8", (1, 784), lambda px: [int(v) for v in px]),
+    ("FP32", (1, 784), lambda px: [v / 255 for v in px]),
+    ("FP32", (1, 1, 28, 28), lambda px: [[[v / 255 for v in px[r * 28:(r + 1) * 28]] for r in range(28)]]),
+    ("UINT8", (1, 28, 28), lambda px: [[int(v) for v in px[r * 28:(r + 1) * 28]] for r in range(28)]),
+])
+def test_json_fast_path_gives_the_pixels_of_the_checked_path(datatype, shape, make):
+    from resnet_edge import serve_v2
+
+    px = np.random.default_rng(3).integers(0, 256, 784)
+    fast = serve_v2.parse_http_request(_body_of(make(px), datatype, shape))
+    # the same body with a boolean elsewhere (the request id cannot hold one: a string that says so) takes the checks
+    slow = serve_v2.parse_http_request(_body_of(make(px), datatype, shape, id="true"))
+    assert np.array_equal(fast.pixels, slow.pixels) and fast.pixels.dtype == np.float32
+    assert np.allclose(fast.pixels.reshape(-1), px / 255, atol=1e-6)
+
+
+def test_ids_and_numbers_json_allows_but_strict_json_does_not(server):
+    """NaN, Infinity and lone surrogates are not strict JSON (orjson refuses them); the standard parser
+    then decides, so the answers stay what they were: 400 for non-finite pixels, 200 with the id echoed."""
+    url, _ = server
+    r = httpx.post(_infer_url(url), content=_body_of([0] * 784, "UINT8", id="\ud800 x"), timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "\ud800 x", r.text
+    raw = _body_of([0] * 784, "UINT8").replace(b'"inputs"', b'"id": "\\ud800", "inputs"', 1)
+    r = httpx.post(_infer_url(url), content=raw, timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "\ud800", r.text
+    r = httpx.post(_infer_url(url), content=_body_of([0.5] * 783 + [float("inf")]), timeout=10)
+    assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
+
+
 # ------------------------------------------------------------------------------------------ broken models
 def test_model_that_reverses_rows_is_refused_at_start(tmp_path):
     bad = linear_model(tmp_path / "reverse.onnx", reverse_rows=True)
@@ -379,6 +497,7 @@ def test_io_binding_path_gives_the_same_logits_on_the_cpu(linear):
     (["--grpc-port", "70000"], "--grpc-port must be 0-65535"),
     (["--client-timeout", "nan"], "--client-timeout must be a finite number"),
     (["--max-pending-bytes", "10"], "--max-pending-bytes must be at least"),
+    (["--instances", "0"], "--instances must be at least 1"),
 ])
 def test_bad_serve_options_are_one_line(linear, args, words):
     assert words in error_line(["serve", "--model", linear, *args])
