@@ -537,7 +537,7 @@ def serve_cli(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
     instances: int = typer.Option(ServerConfig.instances, help="Batches ONNX Runtime runs at once (a new batch gathers while they run)."),
     max_batch_size: int = typer.Option(ServerConfig.max_batch_size, help="Most rows per ONNX Runtime call (1 turns batching off)."),
-    max_delay_ms: float = typer.Option(ServerConfig.max_delay_ms, help="How long a request waits for others to batch with."),
+    max_delay_ms: float = typer.Option(ServerConfig.max_delay_ms, help="How long a batch waits for company once an instance is free (0: it starts at once with what queued while the instances were busy)."),
     max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="Larger request bodies get 413."),
     max_queue: int = typer.Option(ServerConfig.max_queue, help="Images (rows) accepted and not answered yet; beyond this: 503."),
     max_pending_bytes: int = typer.Option(ServerConfig.max_pending_bytes, help="Request bytes in flight together; beyond this: 503."),

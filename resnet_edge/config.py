@@ -199,7 +199,7 @@ class ServerConfig:
     threads: int | None = None
     instances: int = 1  # ONNX Runtime calls (batches) at once
     max_batch_size: int = 64  # rows per ONNX Runtime call; a larger request is split into batches
-    max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_delay_ms: float = 0.0  # how long a batch waits for company once an instance is free (0: Triton's default)
     max_queue: int = 4096  # images (rows) accepted and not answered yet; beyond this: 503
     max_body_bytes: int = 8 * 2**20  # one request body; larger: 413
     max_pending_bytes: int = 256 * 2**20  # request bodies in flight together; beyond this: 503

@@ -106,7 +106,7 @@ def check_contract(proto: Any, path: Path) -> None:
 
 
 def create_session(path: Path, provider: str = "cpu", threads: int | None = None,
-                   graph_level: str = "all", check_contract_too: bool = True) -> Any:
+                   graph_level: str = "all", check_contract_too: bool = True, spinning: bool = True) -> Any:
     """An InferenceSession on exactly the provider asked for (ONNX Runtime would fall back silently)."""
     import onnxruntime as ort
 
@@ -122,8 +122,7 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    import os
-    if os.environ.get("RE_NOSPIN"):
+    if not spinning:  # idle intra-op threads sleep instead of spinning: CPU left to request handling
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and hasattr(ort, "preload_dlls"):
         try:  # CUDA and cuDNN from the nvidia-* wheels (those PyTorch uses), without importing torch

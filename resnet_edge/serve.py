@@ -40,7 +40,7 @@ from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_p
 from .errors import UserError
 from .runtime import create_session
 from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, ascii_count,
-                       encode_http_response, parse_http_request)
+                       check_json_size, encode_http_response, parse_http_request)
 
 __all__ = ["Busy", "DynamicBatcher", "RequestError", "ServerConfig", "create_app", "serve", "OUTPUTS", "PROBABILITIES"]
 
@@ -320,6 +320,7 @@ class ServerState:
         would hold the GIL and so the event loop for tens of milliseconds) in a worker process."""
         # the JSON part (binary data after it is cheap)
         json_size = int(header_value) if ascii_count(header_value, 12) else len(raw)  # type: ignore[arg-type]
+        check_json_size(raw, min(json_size, len(raw)))  # implausibly large for its shape: refused before parsing
         if json_size <= PROCESS_BYTES:
             return await self.work(parse_http_request, raw, header_value, size=len(raw))
         if self.processes is None:
@@ -373,7 +374,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
 
     from . import __version__
 
-    session = session or create_session(config.model_path, config.provider, threads=config.threads)
+    session = session or create_session(config.model_path, config.provider, threads=config.threads, spinning=False)
     check_batching(session, config.max_batch_size)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if config.model_name is None:

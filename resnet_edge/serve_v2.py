@@ -7,6 +7,7 @@ gRPC). Pure functions without I/O: serve.py runs them off the event loop. No tor
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ DATATYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}  # what a client 
 _SHAPES = ([*INPUT_SHAPE], [IMAGE_SIZE, IMAGE_SIZE], [IMAGE_PIXELS])  # after N
 ACCEPTED_SHAPES = ", ".join("[N, " + ", ".join(map(str, s)) + "]" for s in _SHAPES)
 HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_BYTES_PER_VALUE = 64  # generous: a float64 written in full (~24 characters) and pretty-printed, indented
+JSON_SLACK_BYTES = 64 * 1024  # the rest of a JSON request: names, parameters, id
+_SHAPE = re.compile(rb'"shape"\s*:\s*\[\s*(\d{1,9})')
 
 
 def ascii_count(value: str | None, max_digits: int) -> bool:
@@ -163,6 +167,22 @@ def _loads(raw: bytes | memoryview) -> Any:
         if message == "Extra data":
             message += f" after the JSON object (binary tensor data needs the {HEADER_LENGTH} header)"
         raise RequestError(400, f"malformed JSON: {message}") from None
+
+
+def check_json_size(raw: bytes, json_size: int) -> None:
+    """Refuse a JSON part far larger than its tensor could need before parsing it (an 8 MB body that
+    claims one image): its first dimension is read from a plain ``"shape": [N`` in the bytes; without
+    one, the parser decides."""
+    if json_size <= JSON_SLACK_BYTES:
+        return
+    rows = [int(m.group(1)) for m in _SHAPE.finditer(raw, 0, json_size)]
+    if not rows:
+        return
+    most = min(max(rows), MAX_ROWS_PER_REQUEST)
+    limit = JSON_SLACK_BYTES + most * IMAGE_PIXELS * JSON_BYTES_PER_VALUE
+    if json_size > limit:
+        raise RequestError(413, f"a JSON request of {most} images needs at most {limit} bytes ({JSON_BYTES_PER_VALUE} "
+                                f"per value), got {json_size}; large tensors travel best as binary data ({HEADER_LENGTH})")
 
 
 def header_length(value: str | None, body_size: int) -> int | None:

@@ -379,6 +379,24 @@ def test_ids_and_numbers_json_allows_but_strict_json_does_not(server):
     assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
 
 
+def test_json_far_larger_than_its_shape_is_413_before_parsing(server):
+    """An 1.9 MB body that claims one image is refused from its size; a large valid one (30 nested images,
+    pretty-printed with full float64 digits, ~50 bytes a value) is served."""
+    url, _ = server
+    wrong = _body_of([0.5] * 380_000)
+    t0 = time.perf_counter()
+    r = httpx.post(_infer_url(url), content=wrong, timeout=10)
+    assert r.status_code == 413 and "a JSON request of 1 images needs at most" in r.json()["error"], r.text
+    assert time.perf_counter() - t0 < 1
+    images = np.random.default_rng(4).random((30, 1, 28, 28))
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [30, 1, 28, 28],
+                                   "data": images.tolist()}]}, indent=4).encode()
+    assert len(body) > 1_000_000
+    r = httpx.post(_infer_url(url), content=body, timeout=30)
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [30, 10], r.text[:300]
+    _assert_ready(url)
+
+
 # ------------------------------------------------------------------------------------------ broken models
 def test_model_that_reverses_rows_is_refused_at_start(tmp_path):
     bad = linear_model(tmp_path / "reverse.onnx", reverse_rows=True)
