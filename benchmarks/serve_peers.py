@@ -3,16 +3,20 @@
 
 MLServer runs in its own virtual environment (--venv, created here with `pip install mlserver==VERSION
 onnxruntime numpy` unless it exists; never in ours) with a custom runtime: an ONNX Runtime
-InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out, and MLServer's adaptive
-batching on (max_batch_size / max_batch_time as ours: --max-batch-size, --max-delay-ms), parallel
-workers as --mlserver-workers (0: inference in the main process). Triton is not run here: it ships as a
-container image and this script starts only Python processes.
+InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out. Its settings are the best
+found on the 2-core test machine (resnet8 INT8, 32 JSON clients, 8 s each, 2026-11-30): adaptive
+batching max_batch_size 64 with max_batch_time 0.5 ms (1,224-1,346 req/s; 2 ms: 1,047; 5 ms: 1,117;
+no batching: 1,166-1,253), 1 ONNX Runtime thread, parallel_workers 0 (inference in the main process;
+1 or 2 workers: 985 / 824 req/s, and they start only with uvloop < 0.21). resnet-edge runs with
+serve's defaults unless --server-args says otherwise. Triton is not run here: it ships as a container
+image and this script starts only Python processes.
 
 For each server, protocol (json, binary, grpc) and concurrency: --seconds of closed-loop single-image
-requests; req/s, p50, p99, errors. Writes serve_peers.json and serve_peers.md to --out.
+requests, --repeats times (servers restarted between repeats); medians of req/s, p50, p99; errors
+summed. Writes serve_peers.json and serve_peers.md to --out.
 
     python benchmarks/serve_peers.py --model exported/resnet8/model.int8.onnx --concurrency 1,8,32,128 \
-        --seconds 20 --out benchmarks/results/cpu/serve_peers
+        --seconds 10 --out benchmarks/results/cpu/serve_peers
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def ensure_venv(venv: Path, version: str) -> Path:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"mlserver=={version}", "onnxruntime", "numpy"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"mlserver=={version}", "onnxruntime", "numpy",
+                        "uvloop<0.21"], check=True)  # its parallel workers fail to start with uvloop 0.21+
     return venv / "bin" / "mlserver"
 
 
@@ -73,9 +78,9 @@ def mlserver_folder(model: Path, folder: Path, http: int, grpc: int, args: argpa
         "http_port": http, "grpc_port": grpc, "host": "127.0.0.1", "parallel_workers": args.mlserver_workers,
         "metrics_endpoint": None, "metrics_port": free_port(), "debug": False, "logging_settings": None}))
     (folder / "model-settings.json").write_text(json.dumps({
-        "name": "m", "implementation": "runtime.OnnxDigits", "max_batch_size": args.max_batch_size,
-        "max_batch_time": args.max_delay_ms / 1e3,
-        "parameters": {"uri": str(model.resolve()), "extra": {"threads": args.threads or 0}}}))
+        "name": "m", "implementation": "runtime.OnnxDigits", "max_batch_size": args.mlserver_batch_size,
+        "max_batch_time": args.mlserver_batch_ms / 1e3,
+        "parameters": {"uri": str(model.resolve()), "extra": {"threads": args.mlserver_threads}}}))
 
 
 def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mlserver: Path | None) -> tuple:
@@ -97,6 +102,18 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
     return proc, http, grpc
 
 
+def median_result(results: list[dict]) -> dict:
+    """Medians of req/s and latency percentiles over repeats; errors summed."""
+    import statistics
+
+    out = {"requests": sum(r["requests"] for r in results), "errors": sum(r["errors"] for r in results),
+           "error_kinds": sorted({k for r in results for k in r["error_kinds"]})[:10]}
+    for key in ("requests_per_second", "p50_ms", "p90_ms", "p99_ms"):
+        values = [r[key] for r in results if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
 def markdown(report: dict) -> str:
     rows = ["| server | protocol | concurrency | req/s | p50 ms | p99 ms | errors |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["runs"]:
@@ -106,8 +123,9 @@ def markdown(report: dict) -> str:
                     f"{fmt(x['p50_ms'])} | {fmt(x['p99_ms'])} | {x['errors']}{' ' + ', '.join(x['error_kinds']) if x['errors'] else ''} |")
     m = report["machine"]
     return (f"# resnet-edge vs MLServer {report['mlserver_version']}\n\nModel {report['model']}; {report['seconds']} s per "
-            f"cell, one image per request, closed-loop clients; batching max {report['max_batch_size']} rows, "
-            f"{report['max_delay_ms']} ms; MLServer parallel_workers {report['mlserver_workers']}.\n"
+            f"cell, one image per request, closed-loop clients; resnet-edge batches up to {report['max_batch_size']} rows, "
+            f"--max-delay-ms {report['max_delay_ms']}; MLServer max_batch_size {report['mlserver_batch_size']}, "
+            f"max_batch_time {report['mlserver_batch_ms']} ms, parallel_workers {report['mlserver_workers']}.\n"
             f"Machine: {m.get('cpu', m)}\n\nMLServer {report['mlserver_version']} answers the binary tensor data "
             f"extension with errors (it does not implement it); Triton: {report['triton']}.\n\n" + "\n".join(rows) + "\n")
 
@@ -121,8 +139,12 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--server-args", default="", help="extra resnet-edge serve options, e.g. '--max-pending-bytes "
                     "1073741824' (gRPC runs at most max-pending-bytes / max-body-bytes RPCs at once: 32 by default)")
-    ap.add_argument("--max-delay-ms", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--max-delay-ms", type=float, default=0.0, help="ours (serve's default: 0)")
+    ap.add_argument("--mlserver-batch-size", type=int, default=64, help="MLServer's max_batch_size (1: no adaptive batching)")
+    ap.add_argument("--mlserver-batch-ms", type=float, default=0.5, help="MLServer's max_batch_time, in ms")
+    ap.add_argument("--threads", type=int, default=None, help="ours: serve --threads (default: ONNX Runtime's)")
+    ap.add_argument("--mlserver-threads", type=int, default=1, help="MLServer's ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every cell (servers restarted); medians reported")
     ap.add_argument("--servers", default="resnet-edge,mlserver")
     ap.add_argument("--mlserver-version", default="1.7.1")
     ap.add_argument("--mlserver-workers", type=int, default=0)
@@ -134,22 +156,27 @@ def main() -> None:
     if not set(modes) <= set(MODES) or not all(1 <= c <= 512 for c in levels) or not 0 < args.seconds <= 600:
         raise SystemExit("--modes from json,binary,grpc; --concurrency 1-512; --seconds up to 600")
     mlserver = ensure_venv(args.venv, args.mlserver_version) if "mlserver" in servers else None
-    runs = []
+    cells: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for server in servers:
-            proc, http, grpc = start(server, args.model, Path(tmp), args, mlserver)
-            try:
-                for mode in modes:
-                    for clients in levels:
-                        result = asyncio.run(run_load([mode], clients, args.seconds, "m", http, grpc))[mode]
-                        runs.append({"server": server, "mode": mode, "concurrency": clients, "result": result})
-                        print(line(f"{server} {mode} x{clients}", result), flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
-    report = {"model": str(args.model), "seconds": args.seconds, "max_batch_size": args.max_batch_size,
+        for repeat in range(args.repeats):
+            for server in servers:
+                proc, http, grpc = start(server, args.model, Path(tmp), args, mlserver)
+                try:
+                    for mode in modes:
+                        # MLServer does not implement the binary extension: its errors are shown at one level
+                        for clients in (levels[:1] if (server, mode) == ("mlserver", "binary") else levels):
+                            result = asyncio.run(run_load([mode], clients, args.seconds, "m", http, grpc))[mode]
+                            cells.setdefault((server, mode, clients), []).append(result)
+                            print(line(f"[{repeat + 1}/{args.repeats}] {server} {mode} x{clients}", result), flush=True)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+    runs = [{"server": s, "mode": m, "concurrency": c, "result": median_result(rs), "repeats": rs}
+            for (s, m, c), rs in cells.items()]
+    report = {"model": str(args.model), "seconds": args.seconds, "repeats": args.repeats, "mlserver_threads": args.mlserver_threads, "max_batch_size": args.max_batch_size,
               "max_delay_ms": args.max_delay_ms, "mlserver_version": args.mlserver_version,
-              "mlserver_workers": args.mlserver_workers, "runs": runs, "machine": machine(gpu=False),
+              "mlserver_workers": args.mlserver_workers, "mlserver_batch_size": args.mlserver_batch_size,
+              "mlserver_batch_ms": args.mlserver_batch_ms, "server_args": args.server_args, "runs": runs, "machine": machine(gpu=False),
               "triton": "not run: Triton ships as a container image; this script starts Python processes only"}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
