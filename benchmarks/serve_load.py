@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting; medians are reported")
     ap.add_argument("--max-batch-size", type=int, default=64, help="of the batching setting (the other is 1)")
-    ap.add_argument("--max-delay-ms", type=float, default=2.0)
+    ap.add_argument("--max-delay-ms", type=float, default=0.0, help="serve --max-delay-ms (its default: 0)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--provider", default="cpu", help="serve --provider (cuda: ONNX Runtime's CUDA provider)")
     ap.add_argument("--out", type=Path, default=None)

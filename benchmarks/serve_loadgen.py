@@ -135,9 +135,10 @@ async def _grpc_client(channel, requests: list[bytes], offset: int, stop_at: flo
 
 
 async def run_load(modes: list[str], clients: int, seconds: float, name: str, http_port: int, grpc_port: int | None,
-                   warmup: float = 1.0) -> dict[str, dict]:
+                   warmup: float = 1.0, server_pid: int | None = None) -> dict[str, dict]:
     """``clients`` closed-loop clients for ``seconds``, spread round-robin over ``modes``; per mode:
-    requests, req/s, p50/p90/p99 ms, errors (with their kinds)."""
+    requests, req/s, p50/p90/p99 ms, errors (with their kinds); with ``server_pid``, also the CPU
+    seconds the server (with its child processes) and this load generator used after the warm-up."""
     import grpc
 
     images = test_images()
@@ -156,12 +157,34 @@ async def run_load(modes: list[str], clients: int, seconds: float, name: str, ht
 
     await asyncio.gather(*clients_for(time.perf_counter() + warmup, {m: Tally() for m in modes}))
     tallies = {m: Tally() for m in modes}
+    cpu0 = cpu_seconds(server_pid), time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*clients_for(t0 + seconds, tallies))
     elapsed = time.perf_counter() - t0
+    cpu1 = cpu_seconds(server_pid), time.process_time()
     if channel is not None:
         await channel.close()
-    return {m: summarize(t, elapsed) for m, t in tallies.items()}
+    out = {m: summarize(t, elapsed) for m, t in tallies.items()}
+    if server_pid is not None:
+        for r in out.values():  # the whole run's CPU (all modes together)
+            r["server_cpu_s"], r["client_cpu_s"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    return out
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its children (0 without a pid)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    total = 0.0
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def summarize(tally: Tally, elapsed: float) -> dict:

@@ -103,24 +103,31 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
 
 
 def median_result(results: list[dict]) -> dict:
-    """Medians of req/s and latency percentiles over repeats; errors summed."""
+    """Medians of req/s, latency percentiles and CPU microseconds per answered request over repeats;
+    errors summed."""
     import statistics
+
+    for r in results:
+        for who in ("server", "client"):
+            r[f"{who}_cpu_us"] = 1e6 * r[f"{who}_cpu_s"] / r["requests"] if r.get(f"{who}_cpu_s") and r["requests"] else None
 
     out = {"requests": sum(r["requests"] for r in results), "errors": sum(r["errors"] for r in results),
            "error_kinds": sorted({k for r in results for k in r["error_kinds"]})[:10]}
-    for key in ("requests_per_second", "p50_ms", "p90_ms", "p99_ms"):
+    for key in ("requests_per_second", "p50_ms", "p90_ms", "p99_ms", "server_cpu_us", "client_cpu_us"):
         values = [r[key] for r in results if r[key] is not None]
         out[key] = statistics.median(values) if values else None
     return out
 
 
 def markdown(report: dict) -> str:
-    rows = ["| server | protocol | concurrency | req/s | p50 ms | p99 ms | errors |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| server | protocol | concurrency | req/s | p50 ms | p99 ms | CPU us/request: server | client | errors |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["runs"]:
         x = r["result"]
         fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
+        fmt0 = (lambda v: f"{v:.0f}" if v is not None else "-")
         rows.append(f"| {r['server']} | {r['mode']} | {r['concurrency']} | {x['requests_per_second']:,.0f} | "
-                    f"{fmt(x['p50_ms'])} | {fmt(x['p99_ms'])} | {x['errors']}{' ' + ', '.join(x['error_kinds']) if x['errors'] else ''} |")
+                    f"{fmt(x['p50_ms'])} | {fmt(x['p99_ms'])} | {fmt0(x.get('server_cpu_us'))} | {fmt0(x.get('client_cpu_us'))} | {x['errors']}{' ' + ', '.join(x['error_kinds']) if x['errors'] else ''} |")
     m = report["machine"]
     return (f"# resnet-edge vs MLServer {report['mlserver_version']}\n\nModel {report['model']}; {report['seconds']} s per "
             f"cell, one image per request, closed-loop clients; resnet-edge batches up to {report['max_batch_size']} rows, "
@@ -165,7 +172,8 @@ def main() -> None:
                     for mode in modes:
                         # MLServer does not implement the binary extension: its errors are shown at one level
                         for clients in (levels[:1] if (server, mode) == ("mlserver", "binary") else levels):
-                            result = asyncio.run(run_load([mode], clients, args.seconds, "m", http, grpc))[mode]
+                            result = asyncio.run(run_load([mode], clients, args.seconds, "m", http, grpc,
+                                                          server_pid=proc.pid))[mode]
                             cells.setdefault((server, mode, clients), []).append(result)
                             print(line(f"[{repeat + 1}/{args.repeats}] {server} {mode} x{clients}", result), flush=True)
                 finally:
