@@ -571,7 +571,7 @@ def serve_cli(
     def announce(c: ServerConfig) -> None:
         grpc = f" and gRPC on {c.host}:{c.grpc_port}" if c.grpc_port else ""
         err_console.print(f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name}{grpc} "
-                          f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms} ms)", highlight=False, soft_wrap=True)
+                          f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms:g} ms, {c.instances} instance{'s' if c.instances > 1 else ''})", highlight=False, soft_wrap=True)
 
     serve(config, announce=announce)
 
