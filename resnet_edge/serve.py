@@ -240,10 +240,13 @@ class DynamicBatcher:
             self.slots.release()
 
     def _batch_done(self, task: asyncio.Task) -> None:
-        self.running.pop(task, None)
+        jobs = self.running.pop(task, [])
         if task.cancelled() or task.exception() is None:
             return
         self.failure = task.exception()  # fatal (ModelFailure, or a bug of ours): the whole batcher stops
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(RequestError(503, f"not ready: the batcher stopped ({self.failure!r:.200})"))
         if self.task is not None and not self.task.done():
             self.task.cancel()
 

@@ -379,6 +379,67 @@ def test_ids_and_numbers_json_allows_but_strict_json_does_not(server):
     assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_booleans_in_a_utf16_or_utf32_body_are_400(encoding):
+    """json reads UTF-16/32 bodies that orjson refuses; their true/false tokens are not UTF-8 bytes, so the
+    numpy fast path must not be taken (it made [true, 0, ...] pixels 1 and 0)."""
+    from resnet_edge.serve_v2 import RequestError, parse_http_request
+
+    body = json.dumps(json.loads(_body_of([True] + [0] * 783, "UINT8"))).encode(encoding)
+    with pytest.raises(RequestError) as info:
+        parse_http_request(body)
+    assert info.value.status == 400 and "only numbers" in str(info.value)
+
+
+def test_size_check_leaves_long_ids_and_deeply_indented_json_alone():
+    from resnet_edge.serve_v2 import check_json_size, parse_http_request
+
+    long_id = _body_of([0] * 784, "UINT8", id="x" * 120_000)
+    indented = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [8, 1, 28, 28],
+                                       "data": np.random.default_rng(5).random((8, 1, 28, 28)).tolist()}]},
+                          indent=8).encode()
+    for body in (long_id, indented):
+        check_json_size(body, len(body))
+        assert parse_http_request(body).pixels.shape[0] in (1, 8)
+
+
+def test_non_finite_logits_stay_nan_and_infinity_in_json():
+    from resnet_edge.serve_v2 import InferRequest, encode_http_response
+
+    logits = np.array([[np.inf, -np.inf, np.nan] + [0.5] * 7], np.float32)
+    body, _ = encode_http_response("m", InferRequest(np.zeros((1, 1, 28, 28), np.float32), [("logits", False)]), logits)
+    data = json.loads(body)["outputs"][0]["data"]
+    assert data[0] == np.inf and data[1] == -np.inf and np.isnan(data[2]) and data[3] == 0.5
+
+
+def test_a_batch_that_fails_outside_onnx_runtime_answers_its_callers():
+    """A bug of ours while delivering a batch stops the batcher; that batch's callers get 503 (they waited forever)."""
+    from resnet_edge.serve import DynamicBatcher, RequestError
+
+    class Echo:
+        def run(self, names, feeds):
+            return [np.zeros((len(feeds["pixels"]), 10), np.float32)]
+
+    deaths = []
+
+    async def scenario():
+        batcher = DynamicBatcher(Echo(), max_batch_size=4, max_delay_ms=0, max_queue=10, on_death=deaths.append)
+
+        def broken_deliver(jobs, logits):
+            raise RuntimeError("bug")
+
+        batcher._deliver = broken_deliver
+        batcher.start()
+        result = await asyncio.gather(asyncio.wait_for(batcher.infer(np.zeros((1, 1, 28, 28), np.float32)), 5),
+                                      return_exceptions=True)
+        await batcher.stop()
+        return result[0]
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, RequestError) and result.status == 503 and "batcher stopped" in str(result), repr(result)
+    assert deaths and "RuntimeError" in deaths[0]
+
+
 def test_json_far_larger_than_its_shape_is_413_before_parsing(server):
     """An 1.9 MB body that claims one image is refused from its size; a large valid one (30 nested images,
     pretty-printed with full float64 digits, ~50 bytes a value) is served."""
