@@ -28,6 +28,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from serve_loadgen import read_response  # noqa: E402
 from serve_soak import start_server  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
@@ -80,12 +81,7 @@ async def _client(port: int, request: bytes, stop: float, statuses: Counter, tim
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(request)
             await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            status = int(lines[0].split(b" ", 2)[1])
-            fields = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
-            fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
-            await reader.readexactly(int(fields.get(b"content-length", b"0")))
+            status, fields = await read_response(reader)
             statuses[status] += 1
             if fields.get(b"connection", b"").lower() == b"close":
                 writer.close()

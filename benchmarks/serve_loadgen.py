@@ -104,19 +104,24 @@ async def _http_client(port: int, requests: list[bytes], offset: int, stop_at: f
             t0 = time.perf_counter()
             writer.write(requests[i % len(requests)])
             i += 1
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))
-            await reader.readexactly(length)
+            status, _ = await read_response(reader)
             if status == 200:
                 tally.latencies.append(time.perf_counter() - t0)
             else:
                 tally.errors.append(f"HTTP {status}")
-    except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError) as exc:
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
         tally.errors.append(type(exc).__name__)
     finally:
         writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes]]:
+    """One HTTP/1.1 response read whole (Content-Length bodies): its status and lower-case header fields."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    fields = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines[1:] if b":" in line)}
+    await reader.readexactly(int(fields.get(b"content-length", b"0")))
+    return status, fields
 
 
 async def _grpc_client(channel, requests: list[bytes], offset: int, stop_at: float, tally: Tally) -> None:

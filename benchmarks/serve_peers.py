@@ -4,7 +4,7 @@
 MLServer runs in its own virtual environment (--venv, created here with `pip install mlserver==VERSION
 onnxruntime numpy` unless it exists; never in ours) with a custom runtime: an ONNX Runtime
 InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out. Its settings are the best
-found on the 2-core test machine (resnet8 INT8, 32 JSON clients, 8 s each, 2026-11-30): adaptive
+found on the 2-core Intel Xeon with AMX (family 6 model 207; resnet8 INT8, 32 JSON clients, 8 s each, 2026-11-30): adaptive
 batching max_batch_size 64 with max_batch_time 0.5 ms (1,224-1,346 req/s; 2 ms: 1,047; 5 ms: 1,117;
 no batching: 1,166-1,253), 1 ONNX Runtime thread, parallel_workers 0 (inference in the main process;
 1 or 2 workers: 985 / 824 req/s, and they start only with uvloop < 0.21). resnet-edge runs with

@@ -594,18 +594,19 @@ async def infer_response(state: ServerState, headers: Any, receive: Callable[[],
 
 class InferenceApp:
     """The ASGI app `serve` runs: POST .../infer, the hot path, answered here in plain ASGI (no framework
-    layers: they cost as much CPU as parsing a JSON image); everything else goes to the FastAPI app."""
+    middleware per request); everything else goes to the FastAPI app."""
 
     def __init__(self, fastapi_app: Any, state: ServerState) -> None:
         self.fastapi = fastapi_app
-        self.state = fastapi_app.state  # .server: the ServerState
+        self.server = state
+        self.state = fastapi_app.state  # .state.server: the ServerState, as on the FastAPI app
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = INFER_PATH.fullmatch(scope["path"])
             if match:
                 try:
-                    status, body, extra = await infer_response(self.state.server, _Headers(scope["headers"]), receive,
+                    status, body, extra = await infer_response(self.server, _Headers(scope["headers"]), receive,
                                                                *match.groups())
                 except Exception:  # a bug of ours; the fuzz test hunts these
                     log.exception("unhandled error")
@@ -618,8 +619,8 @@ class InferenceApp:
 
 
 def _add_inference_routes(app: Any, state: ServerState) -> None:
-    """POST /v2/models/{name}[/versions/1]/infer (tensors; served by InferenceApp, and here for other ASGI
-    servers that mount the FastAPI app alone) and /v1/predict (one image file)."""
+    """POST /v2/models/{name}[/versions/1]/infer (tensors; InferenceApp answers POST itself, this route
+    answers other methods with 405 and serves the FastAPI app mounted alone) and /v1/predict (one image file)."""
     from .preprocess import ImageError, image_to_pixels
 
     async def infer(request: Request) -> Response:
