@@ -118,10 +118,12 @@ class DynamicBatcher:
         failure = self.failure or (None if task.cancelled() else task.exception())
         reason = f"the batcher stopped ({failure!r:.200})" if failure else "the server is shutting down"
         self.dead = reason
-        waiting = [*self.inflight, *([self.held] if self.held else []), *(j for jobs in self.running.values() for j in jobs)]
+        queued = [*self.inflight, *([self.held] if self.held else [])]
         while not self.queue.empty():
-            waiting.append(self.queue.get_nowait())
-        for job in waiting:
+            queued.append(self.queue.get_nowait())
+        self.inflight, self.held = [], None
+        self._release(queued)  # the rows of running batches are given back when those batches end
+        for job in [*queued, *(j for jobs in self.running.values() for j in jobs)]:
             if not job.future.done():
                 job.future.set_exception(RequestError(503, f"not ready: {reason}"))
         if failure is not None:
@@ -145,12 +147,11 @@ class DynamicBatcher:
             self.queue.put_nowait(_Job(pixels[start:start + self.max_batch_size], future, now))
             futures.append(future)
         self.pending += 1
-        self.pending_rows += n
+        self.pending_rows += n  # given back as each part leaves the batcher, not when the caller leaves
         try:
             parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         finally:
             self.pending -= 1
-            self.pending_rows -= n
         self.requests += 1  # one request, however many batches it was split into
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -207,7 +208,10 @@ class DynamicBatcher:
             await self.slots.acquire()  # every instance busy: the queue grows meanwhile, and the batch takes it
             if pending is None:
                 _, pending = self._take(jobs, sum(len(j.pixels) for j in jobs))
-            jobs = [j for j in jobs if not j.future.done()]  # callers that went away
+            gone = [j for j in jobs if j.future.done()]  # callers that went away (cancelled, a deadline)
+            if gone:
+                self._release(gone)
+                jobs = [j for j in jobs if not j.future.done()]
             self.inflight = []
             if not jobs:
                 self.slots.release()
@@ -236,8 +240,14 @@ class DynamicBatcher:
                                    f"expected ({len(batch)}, {NUM_CLASSES})")
             self._deliver(jobs, logits)
         finally:
+            self._release(jobs)
             assert self.slots is not None
             self.slots.release()
+
+    def _release(self, jobs: list[_Job]) -> None:
+        """Rows that left the batcher (answered, failed or dropped) stop counting against --max-queue. A
+        caller that goes away leaves its rows queued until the batcher drops them, so they count till then."""
+        self.pending_rows -= sum(len(j.pixels) for j in jobs)
 
     def _batch_done(self, task: asyncio.Task) -> None:
         jobs = self.running.pop(task, [])

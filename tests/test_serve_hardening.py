@@ -262,6 +262,44 @@ def test_split_request_matches_unsplit_rows():
     assert out[:, 0].tolist() == list(range(10)) and batches == 4
 
 
+
+def test_a_caller_that_goes_away_keeps_its_rows_counted_until_they_leave_the_queue():
+    """--max-queue bounds the rows really queued: a cancelled caller (a gRPC deadline, a dropped client)
+    leaves its rows in the queue until the batcher drops them, so they count until then; none leak."""
+    from resnet_edge.serve import Busy, DynamicBatcher
+
+    class Slow:  # 0.2 s a batch
+        def run(self, names, feeds):
+            time.sleep(0.2)
+            return [np.zeros((len(feeds["pixels"]), 10), np.float32)]
+
+    async def scenario():
+        batcher = DynamicBatcher(Slow(), max_batch_size=1, max_delay_ms=0, max_queue=2)
+        batcher.start()
+        row = np.zeros((1, 1, 28, 28), np.float32)
+        running = asyncio.ensure_future(batcher.infer(row))
+        await asyncio.sleep(0.05)  # running; the next one queues behind it
+        gone = asyncio.ensure_future(batcher.infer(row))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        counted_after_cancel = batcher.pending_rows
+        try:
+            await batcher.infer(row)
+            third = "accepted"
+        except Busy:
+            third = "busy"
+        await running
+        await asyncio.sleep(0.05)  # the cancelled row is dropped once an instance is free
+        after = await batcher.infer(row)
+        left = batcher.pending_rows
+        await batcher.stop()
+        return counted_after_cancel, third, after.shape, left
+
+    counted, third, shape, left = asyncio.run(scenario())
+    assert counted == 2 and third == "busy"  # was 1 and accepted: the queue held 3 rows with --max-queue 2
+    assert shape == (1, 10) and left == 0
+
 @pytest.mark.parametrize("instances", [1, 2])
 def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instances):
     """Batches are pipelined: while ONNX Runtime runs one, the next gathers (and with --instances 2 runs
