@@ -11,9 +11,11 @@ no batching: 1,166-1,253), 1 ONNX Runtime thread, parallel_workers 0 (inference 
 serve's defaults unless --server-args says otherwise. Triton is not run here: it ships as a container
 image and this script starts only Python processes.
 
-For each server, protocol (json, binary, grpc) and concurrency: --seconds of closed-loop single-image
-requests, --repeats times (servers restarted between repeats); medians of req/s, p50, p99; errors
-summed. Writes serve_peers.json and serve_peers.md to --out.
+For each protocol (json, binary, grpc), concurrency and server: --seconds of closed-loop single-image
+requests, --repeats times (servers restarted between repeats). Within a repeat all servers are up and
+the cells go level by level, every protocol on every server in turn, so the machine's drift (a shared
+host) hits both sides of a ratio alike; medians of req/s, p50, p99 and of the ratios taken within each repeat; errors summed. Writes
+serve_peers.json and serve_peers.md to --out.
 
     python benchmarks/serve_peers.py --model exported/resnet8/model.int8.onnx --concurrency 1,8,32,128 \
         --seconds 10 --out benchmarks/results/cpu/serve_peers
@@ -119,6 +121,29 @@ def median_result(results: list[dict]) -> dict:
     return out
 
 
+def ratios(cells: dict[tuple, list[dict]], servers: list[str], modes: list[str], levels: list[int]) -> list[dict]:
+    """req/s ratios taken within each repeat (cells of one level run one after another), then the median:
+    resnet-edge vs MLServer on each protocol, and resnet-edge's binary and grpc vs its own json."""
+    import statistics
+
+    pairs = []
+    for mode in modes:
+        for clients in levels:
+            if "mlserver" in servers and mode != "binary":
+                pairs.append((f"resnet-edge / mlserver, {mode}", ("resnet-edge", mode, clients), ("mlserver", mode, clients)))
+            if mode != "json" and "json" in modes:
+                pairs.append((f"resnet-edge {mode} / resnet-edge json", ("resnet-edge", mode, clients), ("resnet-edge", "json", clients)))
+    out = []
+    for label, a, b in pairs:
+        if a in cells and b in cells:
+            per_repeat = [x["requests_per_second"] / y["requests_per_second"] for x, y in zip(cells[a], cells[b])
+                          if y["requests_per_second"]]
+            if per_repeat:
+                out.append({"ratio": label, "concurrency": a[2], "median": statistics.median(per_repeat),
+                            "per_repeat": per_repeat})
+    return out
+
+
 def markdown(report: dict) -> str:
     rows = ["| server | protocol | concurrency | req/s | p50 ms | p99 ms | CPU us/request: server | client | errors |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -134,7 +159,12 @@ def markdown(report: dict) -> str:
             f"--max-delay-ms {report['max_delay_ms']}; MLServer max_batch_size {report['mlserver_batch_size']}, "
             f"max_batch_time {report['mlserver_batch_ms']} ms, parallel_workers {report['mlserver_workers']}.\n"
             f"Machine: {m.get('cpu', m)}\n\nMLServer {report['mlserver_version']} answers the binary tensor data "
-            f"extension with errors (it does not implement it); Triton: {report['triton']}.\n\n" + "\n".join(rows) + "\n")
+            f"extension with errors (it does not implement it); Triton: {report['triton']}.\n\n" + "\n".join(rows) + "\n"
+            + ("\nRatios of req/s, taken within each repeat between cells of the same level measured one after another, "
+               "median over repeats:\n\n"
+               "| ratio | concurrency | median | per repeat |\n| --- | ---: | ---: | --- |\n"
+               + "".join(f"| {r['ratio']} | {r['concurrency']} | {r['median']:.2f}x | "
+                         f"{', '.join(f'{v:.2f}' for v in r['per_repeat'])} |\n" for r in report.get("ratios", []))))
 
 
 def main() -> None:
@@ -166,22 +196,27 @@ def main() -> None:
     cells: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for server in servers:
-                proc, http, grpc = start(server, args.model, Path(tmp), args, mlserver)
-                try:
+            started = {}  # every server up at once (idle while another is measured), cells interleaved:
+            try:  # a drift in the machine's speed hits both sides of a comparison alike
+                for server in servers:
+                    started[server] = start(server, args.model, Path(tmp), args, mlserver)
+                for clients in levels:  # at each level, every protocol on every server, one after another
                     for mode in modes:
-                        # MLServer does not implement the binary extension: its errors are shown at one level
-                        for clients in (levels[:1] if (server, mode) == ("mlserver", "binary") else levels):
+                        for server, (proc, http, grpc) in started.items():
+                            if (server, mode) == ("mlserver", "binary") and clients != levels[0]:
+                                continue  # MLServer does not implement the binary extension: its errors, at one level
                             result = asyncio.run(run_load([mode], clients, args.seconds, "m", http, grpc,
                                                           server_pid=proc.pid))[mode]
                             cells.setdefault((server, mode, clients), []).append(result)
                             print(line(f"[{repeat + 1}/{args.repeats}] {server} {mode} x{clients}", result), flush=True)
-                finally:
+            finally:
+                for proc, _, _ in started.values():
                     proc.terminate()
                     proc.wait(timeout=60)
     runs = [{"server": s, "mode": m, "concurrency": c, "result": median_result(rs), "repeats": rs}
-            for (s, m, c), rs in cells.items()]
-    report = {"model": str(args.model), "seconds": args.seconds, "repeats": args.repeats, "mlserver_threads": args.mlserver_threads, "max_batch_size": args.max_batch_size,
+            for (s, m, c), rs in sorted(cells.items(), key=lambda kv: (servers.index(kv[0][0]), modes.index(kv[0][1]), kv[0][2]))]
+    report_ratios = ratios(cells, servers, modes, levels)
+    report = {"ratios": report_ratios, "model": str(args.model), "seconds": args.seconds, "repeats": args.repeats, "mlserver_threads": args.mlserver_threads, "max_batch_size": args.max_batch_size,
               "max_delay_ms": args.max_delay_ms, "mlserver_version": args.mlserver_version,
               "mlserver_workers": args.mlserver_workers, "mlserver_batch_size": args.mlserver_batch_size,
               "mlserver_batch_ms": args.mlserver_batch_ms, "server_args": args.server_args, "runs": runs, "machine": machine(gpu=False),
