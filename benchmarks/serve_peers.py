@@ -100,8 +100,24 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
         mlserver_folder(model, folder, http, grpc, args)
         cmd, env = [str(mlserver), "start", str(folder)], {**os.environ, "PYTHONPATH": str(folder)}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    wait_ready(proc, f"http://127.0.0.1:{http}/v2/models/m/ready", lambda: log.read_text()[-2000:])
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{http}/v2/models/m/ready", lambda: log.read_text()[-2000:])
+    except BaseException:
+        stop([proc])
+        raise
     return proc, http, grpc
+
+
+def stop(procs: list) -> None:
+    """Terminate every process first, then wait (kill what does not end in 30 s)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def median_result(results: list[dict]) -> dict:
@@ -155,12 +171,13 @@ def markdown(report: dict) -> str:
                     f"{fmt(x['p50_ms'])} | {fmt(x['p99_ms'])} | {fmt0(x.get('server_cpu_us'))} | {fmt0(x.get('client_cpu_us'))} | {x['errors']}{' ' + ', '.join(x['error_kinds']) if x['errors'] else ''} |")
     m = report["machine"]
     return (f"# resnet-edge vs MLServer {report['mlserver_version']}\n\nModel {report['model']}; {report['seconds']} s per "
-            f"cell, one image per request, closed-loop clients; resnet-edge batches up to {report['max_batch_size']} rows, "
+            f"cell, {report['repeats']} repeats (medians; in each, all servers up at once and the cells run level by level, "
+            f"every protocol on every server in turn), one image per request, closed-loop clients; resnet-edge batches up to {report['max_batch_size']} rows, "
             f"--max-delay-ms {report['max_delay_ms']}; MLServer max_batch_size {report['mlserver_batch_size']}, "
             f"max_batch_time {report['mlserver_batch_ms']} ms, parallel_workers {report['mlserver_workers']}.\n"
             f"Machine: {m.get('cpu', m)}\n\nMLServer {report['mlserver_version']} answers the binary tensor data "
             f"extension with errors (it does not implement it); Triton: {report['triton']}.\n\n" + "\n".join(rows) + "\n"
-            + ("\nRatios of req/s, taken within each repeat between cells of the same level measured one after another, "
+            + ("" if not report.get("ratios") else "\nRatios of req/s, taken within each repeat between cells of the same level measured one after another, "
                "median over repeats:\n\n"
                "| ratio | concurrency | median | per repeat |\n| --- | ---: | ---: | --- |\n"
                + "".join(f"| {r['ratio']} | {r['concurrency']} | {r['median']:.2f}x | "
@@ -210,9 +227,7 @@ def main() -> None:
                             cells.setdefault((server, mode, clients), []).append(result)
                             print(line(f"[{repeat + 1}/{args.repeats}] {server} {mode} x{clients}", result), flush=True)
             finally:
-                for proc, _, _ in started.values():
-                    proc.terminate()
-                    proc.wait(timeout=60)
+                stop([proc for proc, _, _ in started.values()])
     runs = [{"server": s, "mode": m, "concurrency": c, "result": median_result(rs), "repeats": rs}
             for (s, m, c), rs in sorted(cells.items(), key=lambda kv: (servers.index(kv[0][0]), modes.index(kv[0][1]), kv[0][2]))]
     report_ratios = ratios(cells, servers, modes, levels)

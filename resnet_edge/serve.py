@@ -93,7 +93,8 @@ class DynamicBatcher:
         self.rows = 0  # images answered
         self.requests = 0  # requests answered
         self.pending = 0  # requests accepted and not answered yet (queued or in a running batch)
-        self.pending_rows = 0
+        self.pending_rows = 0  # rows queued or running, counted until they leave the batcher (after their caller
+        #                        may have gone away: /stats can show rows with no request pending)
         self.inflight: list[_Job] = []  # the jobs of the batch being gathered
         self.held: _Job | None = None  # taken from the queue for the next batch
         self.running: dict[asyncio.Task, list[_Job]] = {}  # batches handed to ONNX Runtime

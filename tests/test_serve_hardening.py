@@ -262,10 +262,10 @@ def test_split_request_matches_unsplit_rows():
     assert out[:, 0].tolist() == list(range(10)) and batches == 4
 
 
-
-def test_a_caller_that_goes_away_keeps_its_rows_counted_until_they_leave_the_queue():
-    """--max-queue bounds the rows really queued: a cancelled caller (a gRPC deadline, a dropped client)
-    leaves its rows in the queue until the batcher drops them, so they count until then; none leak."""
+def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_them():
+    """--max-queue bounds the rows the batcher really holds: a cancelled caller (a gRPC deadline, a dropped
+    client) leaves its rows waiting for an instance until the batcher drops them, so they count until
+    then; none leak."""
     from resnet_edge.serve import Busy, DynamicBatcher
 
     class Slow:  # 0.2 s a batch
@@ -299,6 +299,7 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_they_leave_the_que
     counted, third, shape, left = asyncio.run(scenario())
     assert counted == 2 and third == "busy"  # was 1 and accepted: the queue held 3 rows with --max-queue 2
     assert shape == (1, 10) and left == 0
+
 
 @pytest.mark.parametrize("instances", [1, 2])
 def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instances):
