@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_loadgen import (Tally, cpu_seconds, free_port, grpc_requests, http_requests, run_load,  # noqa: E402
-                           summarize, test_images, wait_ready)
+                           stop, summarize, test_images, wait_ready)
 
 from resnet_edge.machine import machine  # noqa: E402
 
@@ -313,13 +313,7 @@ def main() -> None:
                                                               f"{v['total_us']:.0f} us" for k, v in cells.items()
                                                               if k.startswith(("floor", "serve"))), flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         log.close()
     cells = median_cells(rounds)
     infer, work = cells.pop("inference")["us_per_image"], cells.pop("format")

@@ -47,6 +47,20 @@ def wait_ready(proc, url: str, why, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
+def stop(procs: list) -> None:
+    """Terminate every process first, then wait (kill what does not end in 30 s)."""
+    import subprocess
+
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_images(count: int = 256) -> np.ndarray:
     from resnet_edge.data import load_test_split
 

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, free_port, line, run_load, wait_ready  # noqa: E402
+from serve_loadgen import MODES, free_port, line, run_load, stop, wait_ready  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
 
@@ -106,18 +106,6 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
         stop([proc])
         raise
     return proc, http, grpc
-
-
-def stop(procs: list) -> None:
-    """Terminate every process first, then wait (kill what does not end in 30 s)."""
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def median_result(results: list[dict]) -> dict:
