@@ -43,7 +43,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
         tail = [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("WARNING: Location")][-3:]
         results[name] = {"command": command, "exit_code": proc.returncode, "seconds": round(seconds, 1), "tail": tail}
-        print(f"{name}: exit {proc.returncode} in {seconds / 60:.0f} min {seconds % 60:.0f} s; " + " | ".join(tail), flush=True)
+        print(f"{name}: exit {proc.returncode} in {int(seconds // 60)} min {seconds % 60:.0f} s; " + " | ".join(tail), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "machine": machine(gpu=False)}, indent=2) + "\n")
     if any(r["exit_code"] for r in results.values()):
