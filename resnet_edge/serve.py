@@ -105,10 +105,13 @@ class DynamicBatcher:
         self.task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
-        if self.task and not self.task.done():
+        # cancelled again until it ends: asyncio.wait_for (Python < 3.12) can swallow a cancel that lands
+        # just as queue.get() completes, and the loop would then wait for the next request forever
+        while self.task and not self.task.done():
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await asyncio.wait({self.task}, timeout=0.1)
+        if self.task and not self.task.cancelled():
+            self.task.exception()  # retrieved: a loop that died was already reported by _ended
         for task in list(self.running):
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)

@@ -301,6 +301,42 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
     assert shape == (1, 10) and left == 0
 
 
+
+def test_stop_ends_a_batcher_loop_that_swallowed_a_cancel():
+    """asyncio.wait_for (Python < 3.12) can swallow a cancel that lands as queue.get() completes; the
+    batcher's loop then waits for the next request, and stop() must still end it (it hung before)."""
+    from resnet_edge.serve import DynamicBatcher
+
+    class Echo:
+        def run(self, names, feeds):
+            return [np.zeros((len(feeds["pixels"]), 10), np.float32)]
+
+    async def scenario():
+        batcher = DynamicBatcher(Echo(), max_batch_size=4, max_delay_ms=0, max_queue=100)
+        real_loop = batcher._loop
+
+        async def swallowing_loop():  # what the race does: the first cancel is lost
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+            await real_loop()
+
+        batcher._loop = swallowing_loop
+        batcher.start()
+        await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(batcher.stop())
+        finished, _ = await asyncio.wait({stopping}, timeout=5)
+        ended = stopping in finished
+        if not ended:  # the old stop(): still waiting for the loop
+            batcher.task.cancel()
+            await asyncio.wait({stopping}, timeout=5)
+        return ended, batcher.task.done(), batcher.dead
+
+    ended, done, dead = asyncio.run(scenario())
+    assert ended, "stop() waited on a loop that had swallowed its cancel"
+    assert done and dead == "the server is shutting down"
+
 @pytest.mark.parametrize("instances", [1, 2])
 def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instances):
     """Batches are pipelined: while ONNX Runtime runs one, the next gathers (and with --instances 2 runs
