@@ -3,11 +3,15 @@
 
 MLServer runs in its own virtual environment (--venv, created here with `pip install mlserver==VERSION
 onnxruntime numpy` unless it exists; never in ours) with a custom runtime: an ONNX Runtime
-InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out. Its settings are the best
-found on the 2-core Intel Xeon with AMX (family 6 model 207; resnet8 INT8, 32 JSON clients, 8 s each, 2026-11-30): adaptive
-batching max_batch_size 64 with max_batch_time 0.5 ms (1,224-1,346 req/s; 2 ms: 1,047; 5 ms: 1,117;
-no batching: 1,166-1,253), 1 ONNX Runtime thread, parallel_workers 0 (inference in the main process;
-1 or 2 workers: 985 / 824 req/s, and they start only with uvloop < 0.21). resnet-edge runs with
+InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out. Its default settings were
+chosen on the 2-core Intel Xeon with AMX (family 6 model 207; resnet8 INT8, 32 JSON clients, 8 s cells,
+2 repeats, one setting per run, benchmarks/results/cpu/mlserver-tuning/): adaptive batching of 64 rows
+within 0.5 ms 1,036 req/s, 2 ms 1,201, 5 ms 1,168, no batching 1,234; ONNX Runtime's own thread count
+1,188; 1 or 2 parallel workers 1,017 / 946 (they start only with uvloop < 0.21). Those runs differ less
+than this shared machine drifts between runs, so the three leading settings were each run again
+against resnet-edge in one run (vs-ours-*/): resnet-edge was 3.59x (0.5 ms), 3.35x (2 ms) and 3.39x
+(no batching) MLServer's req/s. Defaults: batching 64 rows / 0.5 ms, 1 ONNX Runtime thread,
+parallel_workers 0. resnet-edge runs with
 serve's defaults unless --server-args says otherwise. Triton is not run here: it ships as a container
 image and this script starts only Python processes.
 
