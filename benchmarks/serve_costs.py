@@ -5,13 +5,12 @@ Cells (all with the closed-loop clients of serve_loadgen.py, --clients at once, 
 - floors: trivial servers that answer every request with the same 60 bytes, doing no work at all:
   HTTP/1.1 (uvicorn + httptools + uvloop, as `serve` runs), gRPC unary (grpc.aio on uvloop, as
   `serve --grpc-port` runs) and gRPC bidirectional streaming (one stream per client; `serve` has no
-  streaming method, this only says what one would cost). Each floor's server + client CPU per request
+  streaming method, this only says what one would cost; its client is this script's, one request at a
+  time on each stream). Each floor's server + client CPU per request
   is the least any server on that transport costs here.
 - inference: the model alone in ONNX Runtime, created as `serve` creates it, CPU per image at the
   batch size `serve` formed in the JSON cells.
 - serve: `resnet-edge serve` answering json, binary and grpc requests (serve_loadgen's modes).
-The streaming floor has its own client here (one stream per client, one request at a time on it).
-
 - format work: what each mode alone does per request, timed in this process on the same images:
   json (parse the JSON body, write the JSON answer), binary (parse the JSON header and the raw bytes,
   write the binary answer), grpc (protobuf parse, the request's checks, the answer and its protobuf).
@@ -21,8 +20,8 @@ during the run (a shared host) hits every cell alike; medians reported.
 
 Two comparisons:
 - hard: a request of mode m costs at least its transport floor F_m plus the inference I, and the machine
-  has C cores, so req/s(m) <= C / (F_m + I) whatever `serve` does, even with every core busy (the cells
-  here keep them 75-80 % busy). Divided by json's measured req/s, that is the most mode m could be
+  has C cores, so req/s(m) <= C / (F_m + I) whatever `serve` does, even with every core busy (each cell
+  reports how busy it kept them). Divided by json's measured req/s, that is the most mode m could be
   against json; below 1.5x, mode m cannot be 1.5x json on this machine.
 - estimate: costs add up, F_m + I + W_m + S, with S the rest of what `serve` does per request (batching,
   limits, the ASGI or gRPC handler). For S = 0, mode m vs json in CPU per request is
@@ -47,13 +46,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import (Tally, cpu_seconds, free_port, grpc_requests, http_requests, run_load,  # noqa: E402
-                           stop, summarize, test_images, wait_ready)
+from serve_loadgen import (Tally, cpu_seconds, free_port, grpc_requests, http_requests, machine_line,  # noqa: E402
+                           run_load, save_report, stop, summarize, test_images, wait_ready)
 
 from resnet_edge.machine import machine  # noqa: E402
 
 ANSWER = b"\x00" * 60
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 FLOORS = ("http-json", "http-binary", "grpc", "grpc-stream")
 
@@ -234,7 +232,7 @@ def median_cells(rounds: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     m, c, b = report["machine"], report["cells"], report["bounds"]
     lines = [f"# Where a served request's CPU goes ({report['model']})", "",
-             f"Machine: {m['cpu']} ({m['logical_cores']} logical cores); {report['clients']} closed-loop clients, "
+             f"Machine: {machine_line(m)}; {report['clients']} closed-loop clients, "
              f"single images, {report['seconds']} s a cell, {report['repeats']} interleaved rounds, medians.", "",
              "| cell | req/s | p50 ms | p99 ms | CPU us/request: server | client | total | busy cores |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -332,9 +330,7 @@ def main() -> None:
               "rounds": rounds, "machine": machine(gpu=False)}
     print(markdown(report))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serve_costs.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "serve_costs.md").write_text(markdown(report))
+        save_report(args.out, "serve_costs", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,19 @@ def wait_ready(proc, url: str, why, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
+def machine_line(m: dict) -> str:
+    """The machine of a result, for its Markdown: CPU model, logical cores and the ISA features it has."""
+    features = " ".join(k for k, v in (m.get("isa") or {}).items() if v)
+    return f"{m.get('cpu')} ({m.get('logical_cores')} logical cores; {features or 'no ISA features detected'})"
+
+
+def save_report(out, stem: str, report: dict, markdown: str) -> None:
+    """``report`` as <out>/<stem>.json and ``markdown`` as <out>/<stem>.md (the folder made if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+
+
 def stop(procs: list) -> None:
     """Terminate every process first, then wait (kill what does not end in 30 s)."""
     import subprocess

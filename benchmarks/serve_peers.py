@@ -3,23 +3,22 @@
 
 MLServer runs in its own virtual environment (--venv, created here with `pip install mlserver==VERSION
 onnxruntime numpy` unless it exists; never in ours) with a custom runtime: an ONNX Runtime
-InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out. Its default settings were
-chosen on the 2-core Intel Xeon with AMX (family 6 model 207; resnet8 INT8, 32 JSON clients, 8 s cells,
-2 repeats, one setting per run, benchmarks/results/cpu/mlserver-tuning/): adaptive batching of 64 rows
-within 0.5 ms 1,036 req/s, 2 ms 1,201, 5 ms 1,168, no batching 1,234; ONNX Runtime's own thread count
-1,188; 1 or 2 parallel workers 1,017 / 946 (they start only with uvloop < 0.21). Those runs differ less
-than this shared machine drifts between runs, so the three leading settings were each run again
-against resnet-edge in one run (vs-ours-*/): resnet-edge was 3.59x (0.5 ms), 3.35x (2 ms) and 3.39x
-(no batching) MLServer's req/s. Defaults: batching 64 rows / 0.5 ms, 1 ONNX Runtime thread,
-parallel_workers 0. resnet-edge runs with
-serve's defaults unless --server-args says otherwise. Triton is not run here: it ships as a container
+InferenceSession behind MLServer's MLModel, UINT8 [N, 784] in, logits out. Its defaults here (adaptive
+batching of 64 rows within 0.5 ms, 1 ONNX Runtime thread, parallel_workers 0) came from earlier runs
+whose outputs were not kept. The stored ones (2-core Intel Xeon with AMX, family 6 model 207; resnet8
+INT8, 32 JSON clients, 8 s cells, 2 repeats, one setting per run, benchmarks/results/cpu/mlserver-tuning/)
+do not single out a best: 0.5 ms 1,036 req/s, 2 ms 1,201, 5 ms 1,168, no batching 1,234, ONNX Runtime's
+own thread count 1,188, 1 or 2 parallel workers 1,017 / 946 (they start only with uvloop < 0.21), all
+within this shared machine's drift between runs. The three leading settings, each run side by side
+with resnet-edge (vs-ours-*/): resnet-edge served 3.59x (0.5 ms), 3.35x (2 ms) and 3.39x (no batching)
+MLServer's req/s. resnet-edge runs with serve's defaults unless --server-args says otherwise. Triton is not run here: it ships as a container
 image and this script starts only Python processes.
 
 For each protocol (json, binary, grpc), concurrency and server: --seconds of closed-loop single-image
 requests, --repeats times (servers restarted between repeats). Within a repeat all servers are up and
 the cells go level by level, every protocol on every server in turn, so the machine's drift (a shared
-host) hits both sides of a ratio alike; medians of req/s, p50, p99 and of the ratios taken within each repeat; errors summed. Writes
-serve_peers.json and serve_peers.md to --out.
+host) hits both sides of a ratio alike; medians of req/s, p50, p99 and of the ratios taken within each
+repeat; errors summed. Writes serve_peers.json and serve_peers.md to --out.
 
     python benchmarks/serve_peers.py --model exported/resnet8/model.int8.onnx --concurrency 1,8,32,128 \
         --seconds 10 --out benchmarks/results/cpu/serve_peers
@@ -37,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, free_port, line, run_load, stop, wait_ready  # noqa: E402
+from serve_loadgen import MODES, free_port, line, machine_line, run_load, save_report, stop, wait_ready  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
 
@@ -167,7 +166,7 @@ def markdown(report: dict) -> str:
             f"every protocol on every server in turn), one image per request, closed-loop clients; resnet-edge batches up to {report['max_batch_size']} rows, "
             f"--max-delay-ms {report['max_delay_ms']}; MLServer max_batch_size {report['mlserver_batch_size']}, "
             f"max_batch_time {report['mlserver_batch_ms']} ms, parallel_workers {report['mlserver_workers']}.\n"
-            f"Machine: {m.get('cpu', m)}\n\nMLServer {report['mlserver_version']} answers the binary tensor data "
+            f"Machine: {machine_line(m)}\n\nMLServer {report['mlserver_version']} answers the binary tensor data "
             f"extension with errors (it does not implement it); Triton: {report['triton']}.\n\n" + "\n".join(rows) + "\n"
             + ("" if not report.get("ratios") else "\nRatios of req/s, taken within each repeat between cells of the same level measured one after another, "
                "median over repeats:\n\n"
@@ -229,9 +228,7 @@ def main() -> None:
               "mlserver_batch_ms": args.mlserver_batch_ms, "server_args": args.server_args, "runs": runs, "machine": machine(gpu=False),
               "triton": "not run: Triton ships as a container image; this script starts Python processes only"}
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serve_peers.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "serve_peers.md").write_text(markdown(report))
+        save_report(args.out, "serve_peers", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -109,9 +109,7 @@ class DynamicBatcher:
         # just as queue.get() completes, and the loop would then wait for the next request forever
         while self.task and not self.task.done():
             self.task.cancel()
-            await asyncio.wait({self.task}, timeout=0.1)
-        if self.task and not self.task.cancelled():
-            self.task.exception()  # retrieved: a loop that died was already reported by _ended
+            await asyncio.wait({self.task}, timeout=0.1)  # its exception, if any, is read and reported by _ended
         for task in list(self.running):
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)

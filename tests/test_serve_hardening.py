@@ -301,7 +301,6 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
     assert shape == (1, 10) and left == 0
 
 
-
 def test_stop_ends_a_batcher_loop_that_swallowed_a_cancel():
     """asyncio.wait_for (Python < 3.12) can swallow a cancel that lands as queue.get() completes; the
     batcher's loop then waits for the next request, and stop() must still end it (it hung before)."""
@@ -336,6 +335,7 @@ def test_stop_ends_a_batcher_loop_that_swallowed_a_cancel():
     ended, done, dead = asyncio.run(scenario())
     assert ended, "stop() waited on a loop that had swallowed its cancel"
     assert done and dead == "the server is shutting down"
+
 
 @pytest.mark.parametrize("instances", [1, 2])
 def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instances):
