@@ -189,17 +189,18 @@ async def run_load(modes: list[str], clients: int, seconds: float, name: str, ht
 
     await asyncio.gather(*clients_for(time.perf_counter() + warmup, {m: Tally() for m in modes}))
     tallies = {m: Tally() for m in modes}
-    cpu0 = cpu_seconds(server_pid), time.process_time()
+    cpu0 = cpu_seconds(server_pid), time.process_time(), loop_cpu_seconds(server_pid)
     t0 = time.perf_counter()
     await asyncio.gather(*clients_for(t0 + seconds, tallies))
     elapsed = time.perf_counter() - t0
-    cpu1 = cpu_seconds(server_pid), time.process_time()
+    cpu1 = cpu_seconds(server_pid), time.process_time(), loop_cpu_seconds(server_pid)
     if channel is not None:
         await channel.close()
     out = {m: summarize(t, elapsed) for m, t in tallies.items()}
     if server_pid is not None:
         for r in out.values():  # the whole run's CPU (all modes together)
             r["server_cpu_s"], r["client_cpu_s"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            r["server_loop_cpu_s"] = cpu1[2] - cpu0[2]
     return out
 
 
@@ -217,6 +218,20 @@ def cpu_seconds(pid: int | None) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def loop_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a server's main thread, where `serve` runs its event loop (HTTP and gRPC
+    handlers, request checks, the batcher; not ONNX Runtime, the request thread pool or grpcio's own threads).
+    With cores to spare for everything else, that one thread bounds req/s: at most 1 / (its CPU per request)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    try:
+        return next((t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id == pid), 0.0)
+    except psutil.Error:
+        return 0.0
 
 
 def summarize(tally: Tally, elapsed: float) -> dict:

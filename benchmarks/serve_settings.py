@@ -72,7 +72,8 @@ def summarize_cell(slices: list[dict]) -> dict:
             "median_slice_p99_ms": statistics.median(s["p99_ms"] for s in slices if s["p99_ms"] is not None) if n else None,
             "rows_per_batch": sum(s["rows"] for s in slices) / max(1, sum(s["batches"] for s in slices)),
             "server_cpu_us": 1e6 * sum(s["server_cpu_s"] for s in slices) / n if n else None,
-            "client_cpu_us": 1e6 * sum(s["client_cpu_s"] for s in slices) / n if n else None}
+            "client_cpu_us": 1e6 * sum(s["client_cpu_s"] for s in slices) / n if n else None,
+            "loop_cpu_us": 1e6 * sum(s["server_loop_cpu_s"] for s in slices) / n if n else None}
 
 
 def ratios(cells: dict[tuple, list[dict]], names: list[str], modes: list[str]) -> list[dict]:
@@ -88,13 +89,17 @@ def ratios(cells: dict[tuple, list[dict]], names: list[str], modes: list[str]) -
 
 
 def markdown(report: dict) -> str:
-    rows = ["| setting | serve options | mode | req/s | p99 ms (median slice) | rows per batch | CPU us/request: server | client | errors |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| setting | serve options | mode | req/s | p99 ms (median slice) | rows per batch | CPU us/request: server | "
+            "its event loop | client | errors |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in report["cells"]:
         x = c["result"]
         rows.append(f"| {c['setting']} | `{report['settings'][c['setting']] or '(defaults)'}` | {c['mode']} | "
                     f"{x['requests_per_second']:,.0f} | {x['median_slice_p99_ms'] or 0:.1f} | {x['rows_per_batch']:.1f} | "
-                    f"{x['server_cpu_us'] or 0:.0f} | {x['client_cpu_us'] or 0:.0f} | {x['errors']} |")
+                    f"{x['server_cpu_us'] or 0:.0f} | {x['loop_cpu_us'] or 0:.0f} | {x['client_cpu_us'] or 0:.0f} | {x['errors']} |")
+    loop_rows = "".join(
+        f"| {s}: {m} / json | {jx['loop_cpu_us'] / mx['loop_cpu_us']:.2f}x |\n"
+        for s in report["settings"] for m in report["modes"] if m != "json"
+        for jx in [_cell(report, s, "json")] for mx in [_cell(report, s, m)] if jx and mx and mx["loop_cpu_us"])
     ratio_rows = "".join(f"| {r['ratio']} | {r['median']:.2f}x | {r['q1']:.2f}-{r['q3']:.2f}x | {r['rounds']} |\n"
                          for r in report["ratios"])
     return (f"# `serve` settings side by side ({report['model']})\n\nMachine: {machine_line(report['machine'])}\n\n"
@@ -102,7 +107,15 @@ def markdown(report: dict) -> str:
             f"setting in every mode for {report['slice_s']} s (after {report['warmup_s']} s of warm-up); all servers up at "
             f"once, with `{' '.join(BASE_ARGS)}`. req/s over all slices; CPU per answered request over all slices.\n\n"
             + "\n".join(rows) + "\n\nRatios of req/s taken within each round, median and quartiles over rounds:\n\n"
-            "| ratio | median | middle half | rounds |\n| --- | ---: | ---: | ---: |\n" + ratio_rows)
+            "| ratio | median | middle half | rounds |\n| --- | ---: | ---: | ---: |\n" + ratio_rows
+            + ("" if not loop_rows else "\nThe event loop's CPU per request (serve's main thread: HTTP and gRPC handlers, checks, "
+               "the batcher; not ONNX Runtime or grpcio's threads) bounds req/s where everything else has cores of its own; "
+               "its ratio says how much faster than json a mode could be there (json's loop CPU / the mode's):\n\n"
+               "| mode vs json, event loop bound | ratio |\n| --- | ---: |\n" + loop_rows))
+
+
+def _cell(report: dict, setting: str, mode: str) -> dict | None:
+    return next((c["result"] for c in report["cells"] if c["setting"] == setting and c["mode"] == mode), None)
 
 
 def main() -> None:

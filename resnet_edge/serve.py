@@ -40,7 +40,7 @@ from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_p
 from .errors import UserError
 from .runtime import create_session
 from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, ascii_count,
-                       check_json_size, encode_http_response, parse_http_request)
+                       check_json_size, encode_http_response, model_input, parse_http_request)
 
 __all__ = ["Busy", "DynamicBatcher", "RequestError", "ServerConfig", "create_app", "serve", "OUTPUTS", "PROBABILITIES"]
 
@@ -157,7 +157,8 @@ class DynamicBatcher:
         self.requests += 1  # one request, however many batches it was split into
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, parts: list[np.ndarray]) -> np.ndarray:
+        batch = model_input(parts)  # in this thread: the event loop never joins or scales pixels
         if not self.io_binding:
             return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         binding = self.session.io_binding()
@@ -225,21 +226,21 @@ class DynamicBatcher:
     async def _batch(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            batch = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
+            rows = sum(len(j.pixels) for j in jobs)
             try:
-                logits = await loop.run_in_executor(self.executor, self._run, batch)
+                logits = await loop.run_in_executor(self.executor, self._run, [j.pixels for j in jobs])
             except Exception as exc:  # the model failed on this batch: its callers may retry
                 log.exception("inference failed")
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(RequestError(503, f"inference failed: {type(exc).__name__}; retry later"))
                 return
-            if getattr(logits, "shape", None) != (len(batch), NUM_CLASSES):
+            if getattr(logits, "shape", None) != (rows, NUM_CLASSES):
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(RequestError(503, "not ready: the model broke its contract"))
-                raise ModelFailure(f"the model answered a batch of {len(batch)} rows with {getattr(logits, 'shape', None)}, "
-                                   f"expected ({len(batch)}, {NUM_CLASSES})")
+                raise ModelFailure(f"the model answered a batch of {rows} rows with {getattr(logits, 'shape', None)}, "
+                                   f"expected ({rows}, {NUM_CLASSES})")
             self._deliver(jobs, logits)
         finally:
             self._release(jobs)
@@ -530,40 +531,57 @@ def _memory_report(provider: str) -> dict[str, Any]:
     return report
 
 
-@contextlib.asynccontextmanager
-async def _body(headers: Any, receive: Callable[[], Any], state: ServerState):
-    """The request body, counted against --max-pending-bytes as it arrives and until the response (headers
-    that only promise bytes hold none); 413 past --max-body-bytes (by Content-Length or while streaming).
-    ``headers``: a mapping with .get (lower-case names); ``receive``: the ASGI receive callable."""
-    limit = state.config.max_body_bytes
-    length = headers.get("content-length")
-    if length is not None:
-        if not ascii_count(length, 15):
-            raise RequestError(400, "malformed Content-Length header")
-        if int(length) > limit:
-            raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
-    taken = 0  # bytes received and counted: a declared Content-Length alone reserves nothing
-    try:
-        chunks = []
-        while True:  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "the client went away before sending the whole body")
-            chunk = message.get("body", b"")
-            if chunk:
-                if taken + len(chunk) > limit:
-                    raise RequestError(413, f"request body is over the limit of {limit} bytes")
-                state.take_bytes(len(chunk))
-                taken += len(chunk)
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        state.give_bytes(taken)
+class _Body:
+    """``async with _Body(headers, receive, state) as raw``: the request body, counted against
+    --max-pending-bytes as it arrives and until the response (headers that only promise bytes hold
+    none); 413 past --max-body-bytes (by Content-Length or while streaming). ``headers``: a mapping with
+    .get (lower-case names); ``receive``: the ASGI receive callable. (A class, not a generator-based
+    context manager: this runs for every request, on the event loop.)"""
+
+    __slots__ = ("headers", "receive", "state", "taken")
+
+    def __init__(self, headers: Any, receive: Callable[[], Any], state: ServerState) -> None:
+        self.headers, self.receive, self.state, self.taken = headers, receive, state, 0
+
+    async def __aenter__(self) -> bytes:
+        state, headers = self.state, self.headers
+        limit = state.config.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not ascii_count(length, 15):
+                raise RequestError(400, "malformed Content-Length header")
+            if int(length) > limit:
+                raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+        encoding = headers.get("content-encoding")
+        if encoding is not None and encoding.strip().lower() != "identity":
+            raise RequestError(415, f"Content-Encoding {encoding.strip().lower()[:40]!r} is not supported; send the "
+                                    f"body uncompressed")
+        chunks = []  # bytes received are counted in self.taken: a declared Content-Length alone reserves nothing
+        try:
+            while True:  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise RequestError(400, "the client went away before sending the whole body")
+                chunk = message.get("body", b"")
+                if chunk:
+                    if self.taken + len(chunk) > limit:
+                        raise RequestError(413, f"request body is over the limit of {limit} bytes")
+                    state.take_bytes(len(chunk))
+                    self.taken += len(chunk)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except BaseException:
+            self._give_back()  # __aexit__ does not run when __aenter__ fails
+            raise
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._give_back()
+
+    def _give_back(self) -> None:
+        taken, self.taken = self.taken, 0
+        self.state.give_bytes(taken)
 
 
 class _Headers:
@@ -591,7 +609,7 @@ async def infer_response(state: ServerState, headers: Any, receive: Callable[[],
     config = state.config
     try:
         _check_model(config, name, version or "1")
-        async with _body(headers, receive, state) as raw:
+        async with _Body(headers, receive, state) as raw:
             parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
             logits = await state.infer(parsed.pixels)
             body, header_length = await state.work(encode_http_response, config.model_name, parsed, logits,
@@ -651,7 +669,7 @@ def _add_inference_routes(app: Any, state: ServerState) -> None:
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        async with _body(request.headers, request.receive, state) as raw:
+        async with _Body(request.headers, request.receive, state) as raw:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 data = await _multipart_file(request, raw)
             else:

@@ -54,7 +54,7 @@ class Busy(RequestError):
 
 @dataclass
 class InferRequest:
-    pixels: np.ndarray  # float32 [N, 1, 28, 28] in [0, 1]
+    pixels: np.ndarray  # float32 [N, 1, 28, 28] in [0, 1], or uint8 [N, 784] in 0-255 (see model_input)
     outputs: list[tuple[str, bool]]  # (output name, as binary data)
     request_id: Any = None
 
@@ -75,7 +75,8 @@ def check_tensor_header(name: Any, datatype: Any, shape: Any) -> int:
 
 
 def tensor_pixels(datatype: str, n: int, values: np.ndarray) -> np.ndarray:
-    """Flat values of a checked tensor -> float32 [N, 1, 28, 28]; counts and ranges checked."""
+    """Flat values of a checked tensor -> the model's rows, counts and ranges checked: float32 [N, 1, 28, 28]
+    in [0, 1], or uint8 [N, 784] as sent (0-255; model_input scales them when their batch runs)."""
     expected = n * IMAGE_PIXELS
     if values.size != expected:
         raise RequestError(400, f"input {INPUT_NAME!r} of {n} images needs {expected} values, got {values.size}")
@@ -95,8 +96,19 @@ def tensor_pixels(datatype: str, n: int, values: np.ndarray) -> np.ndarray:
                 raise RequestError(400, "UINT8 pixels must be integers from 0 to 255")
             values = values.astype(np.uint8)
     if values.dtype == np.uint8:
-        return to_pixels(values.reshape(n, IMAGE_PIXELS))
+        return values.reshape(n, IMAGE_PIXELS)  # scaled by model_input, a batch at a time, off the event loop
     return values.astype(np.float32, copy=False).reshape(n, *INPUT_SHAPE)
+
+
+def model_input(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of one batch (tensor_pixels' results, in order) -> the model's input, float32 [N, 1, 28, 28]
+    in [0, 1]. uint8 rows become floats here, the same as contract.to_pixels, in one pass per batch: the
+    batcher calls this in its inference thread, so the event loop never converts pixels."""
+    if all(p.dtype == np.uint8 for p in parts):
+        return to_pixels(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([to_pixels(p) if p.dtype == np.uint8 else p for p in parts])
 
 
 def _range_error(datatype: str, values: np.ndarray) -> RequestError:

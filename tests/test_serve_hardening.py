@@ -437,8 +437,9 @@ def test_json_fast_path_gives_the_pixels_of_the_checked_path(datatype, shape, ma
     fast = serve_v2.parse_http_request(_body_of(make(px), datatype, shape))
     # the same body with a boolean elsewhere (the request id cannot hold one: a string that says so) takes the checks
     slow = serve_v2.parse_http_request(_body_of(make(px), datatype, shape, id="true"))
-    assert np.array_equal(fast.pixels, slow.pixels) and fast.pixels.dtype == np.float32
-    assert np.allclose(fast.pixels.reshape(-1), px / 255, atol=1e-6)
+    assert np.array_equal(fast.pixels, slow.pixels) and fast.pixels.dtype == slow.pixels.dtype
+    model_input = serve_v2.model_input([fast.pixels])  # what the model gets (UINT8 rows are scaled per batch)
+    assert model_input.dtype == np.float32 and np.allclose(model_input.reshape(-1), px / 255, atol=1e-6)
 
 
 def test_ids_and_numbers_json_allows_but_strict_json_does_not(server):

@@ -215,3 +215,23 @@ def test_grpc_port_busy_is_one_line(model):
         s.listen()
         line = error_line(["serve", "--model", model, "--port", free_port(), "--grpc-port", s.getsockname()[1]])
     assert "cannot listen for gRPC" in line
+
+
+def test_uint8_rows_become_the_model_input_per_batch_exactly_as_to_pixels():
+    """UINT8 tensors stay uint8 until their batch runs (model_input, in the inference thread); the floats the
+    model gets are bit for bit those of contract.to_pixels, and mixed batches keep their rows in order."""
+    from resnet_edge.contract import to_pixels
+    from resnet_edge.serve_v2 import model_input, parse_http_request
+
+    rng = np.random.default_rng(3)
+    a, c = rng.integers(0, 256, (2, 784), dtype=np.uint8), rng.integers(0, 256, (3, 784), dtype=np.uint8)
+    b = to_pixels(rng.integers(0, 256, (1, 784), dtype=np.uint8))
+    every_value = np.arange(256, dtype=np.uint8).repeat(4)[None, :784]
+    for parts, expected in [([a, b, c], np.concatenate([to_pixels(a), b, to_pixels(c)])), ([a, c], to_pixels(np.concatenate([a, c]))),
+                            ([every_value], to_pixels(every_value)), ([b], b)]:
+        got = model_input(parts)
+        assert got.dtype == np.float32 and got.shape == (len(expected), 1, 28, 28)
+        assert np.array_equal(got, expected)
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 28, 28], "data": a.tolist()}]}).encode()
+    rows = parse_http_request(body).pixels
+    assert rows.dtype == np.uint8 and np.array_equal(model_input([rows]), to_pixels(a))
