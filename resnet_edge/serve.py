@@ -708,6 +708,40 @@ async def _busy_json(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class _OneWrite:
+    """A connection's transport whose writes leave in one send per response: uvicorn writes a response's
+    head and body separately (two system calls, and two wake-ups of a client that reads them as they
+    come); they are joined here and sent when the response completes, or for anything else (100 Continue,
+    a streamed body, an error answer before closing) at the end of the loop iteration at the latest.
+    Everything but write and close is the transport's own."""
+
+    __slots__ = ("_transport", "_loop", "_pending", "_scheduled")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop, self._pending, self._scheduled = transport, loop, [], False
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()  # what is pending goes first: the transport sends what it holds before it closes
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _guarded_http(client_timeout: float) -> type:
     """uvicorn's httptools protocol with what it lacks against slow or greedy clients: a request (line,
     headers and body) must arrive within ``client_timeout`` seconds, its headers within
@@ -721,7 +755,7 @@ def _guarded_http(client_timeout: float) -> type:
     class GuardedHttp(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:
             self._completed = 0  # requests received whole on this connection
-            super().connection_made(transport)
+            super().connection_made(_OneWrite(transport, self.loop))
             self._arm()
 
         def _arm(self) -> None:
@@ -762,6 +796,10 @@ def _guarded_http(client_timeout: float) -> type:
             self._completed += 1
             self._guard.cancel()
             self._arm()  # for the next request on this connection
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # the response's head and body, in one send
+            super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._guard is not None:

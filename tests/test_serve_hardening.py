@@ -913,3 +913,49 @@ def test_a_dead_parser_process_pool_is_shut_down():
         asyncio.run(state.parse(b" " * (PROCESS_BYTES + 1), None))
     assert info.value.status == 503 and broken.shut and state.processes is None
     state.pool.shutdown()
+
+
+def test_a_response_leaves_in_one_write_and_nothing_is_lost_at_close():
+    """uvicorn writes a response's head and body separately; _OneWrite sends them together when the response
+    completes (flush), anything else by the end of the loop iteration, and what is pending before a close."""
+    import asyncio
+
+    from resnet_edge.serve import _OneWrite
+
+    class Transport:
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            assert not self.closed
+            self.sent.append(data)
+
+        def close(self):
+            self.closed = True
+
+        def is_closing(self):
+            return self.closed
+
+        def get_extra_info(self, name):
+            return ("127.0.0.1", 1) if name == "peername" else None
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        raw = Transport()
+        t = _OneWrite(raw, loop)
+        t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        t.write(b"{}")
+        assert raw.sent == [] and t.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
+        t.flush()
+        assert raw.sent == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+        t.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # no flush: it leaves at the end of this iteration
+        await asyncio.sleep(0)
+        assert raw.sent[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        t.write(b"last words")
+        t.close()
+        assert raw.sent[-1] == b"last words" and raw.closed
+        t.write(b"too late")
+        await asyncio.sleep(0)  # the scheduled flush finds the transport closing and drops it
+        assert raw.sent[-1] == b"last words"
+
+    asyncio.run(scenario())
