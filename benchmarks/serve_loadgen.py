@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -45,6 +46,18 @@ def wait_ready(proc, url: str, why, timeout: float = 120) -> None:
             if time.time() > deadline:
                 raise SystemExit(f"server did not become ready: {why()}")
             time.sleep(0.2)
+
+
+def launch(cmd: list[str], log, http: int, **popen) -> subprocess.Popen:
+    """Start a server (output to the file ``log``) and wait until model "m" is ready on port ``http``;
+    a server that exits or never gets ready is stopped and reported with the end of its log."""
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, **popen)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{http}/v2/models/m/ready", lambda: log.read_text()[-2000:])
+    except BaseException:
+        stop([proc])
+        raise
+    return proc
 
 
 def machine_line(m: dict) -> str:

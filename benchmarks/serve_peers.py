@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, free_port, line, machine_line, run_load, save_report, stop, wait_ready  # noqa: E402
+from serve_loadgen import MODES, free_port, launch, line, machine_line, run_load, save_report, stop  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
 
@@ -102,13 +102,7 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, mls
         folder.mkdir(exist_ok=True)
         mlserver_folder(model, folder, http, grpc, args)
         cmd, env = [str(mlserver), "start", str(folder)], {**os.environ, "PYTHONPATH": str(folder)}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{http}/v2/models/m/ready", lambda: log.read_text()[-2000:])
-    except BaseException:
-        stop([proc])
-        raise
-    return proc, http, grpc
+    return launch(cmd, log, http, env=env, cwd=workdir), http, grpc
 
 
 def median_result(results: list[dict]) -> dict:

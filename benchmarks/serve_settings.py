@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, free_port, line, machine_line, run_load, save_report, stop, wait_ready  # noqa: E402
+from serve_loadgen import MODES, free_port, launch, line, machine_line, run_load, save_report, stop  # noqa: E402
 
 from resnet_edge.machine import machine  # noqa: E402
 
@@ -43,13 +43,7 @@ def start(name: str, options: str, model: Path, workdir: Path) -> tuple[subproce
     log = workdir / f"{name}.log"
     cmd = [sys.executable, "-m", "resnet_edge", "serve", "--model", str(model), "--model-name", "m", "--port", str(http),
            "--grpc-port", str(grpc), *BASE_ARGS, *options.split()]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{http}/v2/models/m/ready", lambda: log.read_text()[-2000:])
-    except BaseException:
-        stop([proc])
-        raise
-    return proc, http, grpc
+    return launch(cmd, log, http, cwd=workdir), http, grpc
 
 
 def batch_counts(http: int) -> tuple[int, int]:
