@@ -959,3 +959,43 @@ def test_a_response_leaves_in_one_write_and_nothing_is_lost_at_close():
         assert raw.sent[-1] == b"last words"
 
     asyncio.run(scenario())
+
+
+def _raw_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Send ``request``, read one HTTP/1.1 response whole: status, lower-case headers, body."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines[1:])}
+    while len(body) < int(fields.get(b"content-length", b"0")):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), fields, body
+
+
+def test_an_answer_before_the_whole_body_closes_the_connection(server):
+    """Refused before its body came (413 by Content-Length, an unknown model, on /v1/predict too), a request's
+    answer says connection: close and the server closes: a client that waits for 100 Continue and then skips
+    the body would otherwise have its next request read as that body and get no answer. A 400 after the
+    whole body keeps the connection."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    for path, length in [("/v2/models/m/infer", 99_999_999), ("/v2/models/nope/infer", 3200), ("/v1/predict", 99_999_999)]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            status, fields, _ = _raw_exchange(s, f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                                 f"Content-Length: {length}\r\n\r\n".encode())
+            assert status in (404, 413) and fields.get(b"connection") == b"close", (path, status, fields)
+            s.settimeout(0.5)  # closed now, not by the 1 s --client-timeout
+            assert s.recv(100) == b"", path
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        bad = b'{"inputs": 7}'
+        status, fields, _ = _raw_exchange(s, b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                          + str(len(bad)).encode() + b"\r\n\r\n" + bad)
+        assert status == 400 and fields.get(b"connection") != b"close"
+        status, _, body = _raw_exchange(s, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and b"live" in body
+    _assert_ready(url)
