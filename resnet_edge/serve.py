@@ -774,7 +774,6 @@ def _guarded_http(client_timeout: float) -> type:
     class GuardedHttp(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:
             self._completed = 0  # requests received whole on this connection
-            self._malformed: str | None = None  # a malformed request after ones still being answered: 400 after them
             super().connection_made(_OneWrite(transport, self.loop))
             self._arm()
 
@@ -800,10 +799,6 @@ def _guarded_http(client_timeout: float) -> type:
         def send_400_response(self, msg: str) -> None:  # a request httptools cannot parse: {"error": ...} too
             import json
 
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._malformed = msg  # the requests before it are answered first (on_response_complete)
-                self.flow.pause_reading()
-                return
             body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
             head = [httptools_impl.STATUS_LINE[400], *(name + b": " + value + b"\r\n" for name, value in
                                                         self.server_state.default_headers)]
@@ -824,9 +819,6 @@ def _guarded_http(client_timeout: float) -> type:
         def on_response_complete(self) -> None:
             self.transport.flush()  # the response's head and body, in one send
             super().on_response_complete()
-            if self._malformed is not None and not self.pipeline and self.cycle.response_complete:
-                msg, self._malformed = self._malformed, None
-                self.send_400_response(msg)  # the last request before the malformed one is answered: now its 400
 
         def eof_received(self) -> bool | None:
             """The client shut its sending side (a half-close) with requests not answered yet: answer them,
