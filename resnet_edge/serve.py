@@ -820,15 +820,6 @@ def _guarded_http(client_timeout: float) -> type:
             self.transport.flush()  # the response's head and body, in one send
             super().on_response_complete()
 
-        def eof_received(self) -> bool | None:
-            """The client shut its sending side (a half-close) with requests not answered yet: answer them,
-            then close. A false value here makes asyncio close the transport, and the answers were lost."""
-            if self.cycle is None or self.cycle.response_complete:
-                return None
-            last = self.pipeline[0][0] if self.pipeline else self.cycle  # uvicorn runs its pipeline oldest first
-            last.keep_alive = False
-            return True
-
         def connection_lost(self, exc: Exception | None) -> None:
             if self._guard is not None:
                 self._guard.cancel()
