@@ -448,10 +448,7 @@ def _add_error_handlers(app: Any) -> None:
     """Every error a client can cause answers {"error": message} with its status."""
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        response = _error(exc.status, str(exc))
-        if exc.close_connection:  # refused before its body came whole (see CLOSE)
-            response.headers["connection"] = "close"
-        return response
+        return _error(exc.status, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -541,24 +538,12 @@ class _Body:
     .get (lower-case names); ``receive``: the ASGI receive callable. (A class, not a generator-based
     context manager: this runs for every request, on the event loop.)"""
 
-    __slots__ = ("headers", "receive", "state", "taken", "complete")
+    __slots__ = ("headers", "receive", "state", "taken")
 
     def __init__(self, headers: Any, receive: Callable[[], Any], state: ServerState) -> None:
         self.headers, self.receive, self.state, self.taken = headers, receive, state, 0
-        self.complete = False  # the whole body has arrived (an answer given before then closes the connection)
 
     async def __aenter__(self) -> bytes:
-        try:
-            raw = await self._read()
-        except BaseException as exc:
-            self._give_back()  # __aexit__ does not run when __aenter__ fails
-            if isinstance(exc, RequestError):  # refused before the body came whole: see CLOSE
-                exc.close_connection = True
-            raise
-        self.complete = True
-        return raw
-
-    async def _read(self) -> bytes:
         state, headers = self.state, self.headers
         limit = state.config.max_body_bytes
         length = headers.get("content-length")
@@ -572,19 +557,23 @@ class _Body:
             raise RequestError(415, f"Content-Encoding {encoding.strip().lower()[:40]!r} is not supported; send the "
                                     f"body uncompressed")
         chunks = []  # bytes received are counted in self.taken: a declared Content-Length alone reserves nothing
-        while True:  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "the client went away before sending the whole body")
-            chunk = message.get("body", b"")
-            if chunk:
-                if self.taken + len(chunk) > limit:
-                    raise RequestError(413, f"request body is over the limit of {limit} bytes")
-                state.take_bytes(len(chunk))
-                self.taken += len(chunk)
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            while True:  # a client too slow to send it is cut off by the connection's guard (_guarded_http)
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise RequestError(400, "the client went away before sending the whole body")
+                chunk = message.get("body", b"")
+                if chunk:
+                    if self.taken + len(chunk) > limit:
+                        raise RequestError(413, f"request body is over the limit of {limit} bytes")
+                    state.take_bytes(len(chunk))
+                    self.taken += len(chunk)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except BaseException:
+            self._give_back()  # __aexit__ does not run when __aenter__ fails
+            raise
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -612,29 +601,21 @@ class _Headers:
 
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-# An answer sent before the request's whole body arrived ends the connection: the rest of the body (or, from
-# a client that waits for 100 Continue and then skips it, the next request) would otherwise be read as this
-# request's body, and the client's next request would get no answer.
-CLOSE = (b"connection", b"close")
 
 
 async def infer_response(state: ServerState, headers: Any, receive: Callable[[], Any], name: str,
                          version: str | None) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     """POST .../infer: status, body and extra headers (JSON errors as {"error": message})."""
     config = state.config
-    reader = _Body(headers, receive, state)
     try:
         _check_model(config, name, version or "1")
-        async with reader as raw:
+        async with _Body(headers, receive, state) as raw:
             parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
             logits = await state.infer(parsed.pixels)
             body, header_length = await state.work(encode_http_response, config.model_name, parsed, logits,
                                                    size=logits.nbytes * 8)
     except RequestError as exc:
-        extra = [(b"content-type", b"application/json")]
-        if not reader.complete:
-            extra.append(CLOSE)
-        return exc.status, json.dumps({"error": str(exc)}).encode(), extra
+        return exc.status, json.dumps({"error": str(exc)}).encode(), [(b"content-type", b"application/json")]
     if header_length is None:
         return 200, body, [(b"content-type", b"application/json")]
     return 200, body, [(b"content-type", b"application/octet-stream"),

@@ -35,10 +35,7 @@ def ascii_count(value: str | None, max_digits: int) -> bool:
 
 
 class RequestError(Exception):
-    """A bad request: status and message go back to the client as {"error": message}.
-    ``close_connection``: refused before the request's body arrived whole (HTTP then closes the connection)."""
-
-    close_connection = False
+    """A bad request: status and message go back to the client as {"error": message}."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
