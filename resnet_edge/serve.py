@@ -622,6 +622,29 @@ async def infer_response(state: ServerState, headers: Any, receive: Callable[[],
                        (HEADER_LENGTH.lower().encode(), str(header_length).encode())]
 
 
+def _close_if_answered_unread(receive: Callable[[], Any], send: Callable[[Any], Any]) -> tuple[Callable, Callable]:
+    """For a request with an Expect header (100-continue): an answer that starts before its whole body was
+    read (413 by Content-Length, 415, an unknown model or route, 405) says connection: close, and uvicorn
+    closes after it. Such a client may skip the body once it has a final answer; on a kept connection its
+    next request would be read as that body. (Without Expect the client sends the body anyway, uvicorn
+    reads past it, and closing early would cut the upload off with a reset instead of the answer.)"""
+    whole = False
+
+    async def receive_whole() -> Any:
+        nonlocal whole
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            whole = True
+        return message
+
+    async def send_closing(message: Any) -> None:
+        if message["type"] == "http.response.start" and not whole:
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return receive_whole, send_closing
+
+
 class InferenceApp:
     """The ASGI app `serve` runs: POST .../infer, the hot path, answered here in plain ASGI (no framework
     middleware per request); everything else goes to the FastAPI app."""
@@ -632,6 +655,8 @@ class InferenceApp:
         self.state = fastapi_app.state  # .state.server: the ServerState, as on the FastAPI app
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
+        if scope["type"] == "http" and any(name == b"expect" for name, _ in scope["headers"]):
+            receive, send = _close_if_answered_unread(receive, send)
         if scope["type"] == "http" and scope["method"] == "POST":
             match = INFER_PATH.fullmatch(scope["path"])
             if match:

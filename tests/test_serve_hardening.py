@@ -959,3 +959,56 @@ def test_a_response_leaves_in_one_write_and_nothing_is_lost_at_close():
         assert raw.sent[-1] == b"last words"
 
     asyncio.run(scenario())
+
+
+def _raw_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Send ``request``, read its final HTTP/1.1 response whole (past any 100 Continue): status, lower-case
+    headers, body."""
+    sock.sendall(request)
+    data = b""
+    while True:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before a response: {data[:200]!r}"
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        if status >= 200:
+            break
+    fields = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines[1:])}
+    while len(data) < int(fields.get(b"content-length", b"0")):
+        data += sock.recv(65536)
+    return status, fields, data
+
+
+def test_an_answer_to_an_unread_expect_100_continue_body_closes_the_connection(server):
+    """A request that asks for 100 Continue and is answered before its body was read (413 by Content-Length,
+    an unknown model, an unknown route, 405) gets connection: close and the server closes: the client may
+    skip the body, and on a kept connection its next request would be read as that body. Without Expect the
+    connection stays: the client sends the body anyway, and an early close would cut it off with a reset."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    for path, length in [("/v2/models/m/infer", 99_999_999), ("/v2/models/nope/infer", 3200), ("/v1/predict", 99_999_999),
+                         ("/v2/models/m/infer/x", 3200), ("/v2/health/live", 3200)]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            status, fields, _ = _raw_exchange(s, f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                                 f"Content-Length: {length}\r\n\r\n".encode())
+            assert status in (404, 405, 413) and fields.get(b"connection") == b"close", (path, status, fields)
+            s.settimeout(0.5)  # closed now, not by the 1 s --client-timeout
+            assert s.recv(100) == b"", path
+    big = b"x" * 3_000_000  # over --max-body-bytes, sent whole before reading, as most clients do: 413, not a reset
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        status, fields, _ = _raw_exchange(s, b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                          + str(len(big)).encode() + b"\r\n\r\n" + big)
+        assert status == 413 and fields.get(b"connection") != b"close"
+        status, _, body = _raw_exchange(s, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection goes on
+        assert status == 200 and b"live" in body
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # Expect with its body read: kept, too
+        payload = json.dumps(_tensor([0.5] * 784)).encode()
+        status, fields, _ = _raw_exchange(s, b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                          b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        assert status == 200 and fields.get(b"connection") != b"close", fields
+        status, _, _ = _raw_exchange(s, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+    _assert_ready(url)
