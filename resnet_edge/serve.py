@@ -788,8 +788,9 @@ def _guarded_http(client_timeout: float) -> type:
             self._guard = self.loop.call_later(client_timeout, self._too_slow)
 
         def _too_slow(self) -> None:
-            if self._since_arm == 0 and self.cycle is not None and not self.cycle.response_complete:
-                self._arm()  # a response is on its way and nothing of a next request came: not the client's fault
+            if (self._since_arm == 0 and self.cycle is not None and not self.cycle.response_complete
+                    and not self.cycle.more_body):
+                self._arm()  # a response is on its way to a request received whole: not the client's fault
             else:
                 self.transport.close()
 

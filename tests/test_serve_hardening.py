@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -1011,4 +1012,22 @@ def test_an_answer_to_an_unread_expect_100_continue_body_closes_the_connection(s
         assert status == 200 and fields.get(b"connection") != b"close", fields
         status, _, _ = _raw_exchange(s, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
+    _assert_ready(url)
+
+
+def test_a_pipelined_request_left_unfinished_is_cut_off_by_the_client_timeout(server):
+    """A whole request followed, in the same send, by the headers of a next one whose body never comes: the
+    first is answered, and the connection is closed by --client-timeout (1 s here). Before, the guard saw
+    no new bytes since the first request and a request 'on its way', and re-armed itself forever."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps(_tensor([0.5] * 784)).encode()
+    infer = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    with socket.create_connection(("127.0.0.1", port), timeout=6) as s:
+        s.sendall(infer + b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        t0, data = time.perf_counter(), b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert time.perf_counter() - t0 < 4, "still open"
+    assert [int(c) for c in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)] == [200], data[:300]
     _assert_ready(url)
