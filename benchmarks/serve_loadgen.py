@@ -75,8 +75,6 @@ def save_report(out, stem: str, report: dict, markdown: str) -> None:
 
 def stop(procs: list) -> None:
     """Terminate every process first, then wait (kill what does not end in 30 s)."""
-    import subprocess
-
     for proc in procs:
         proc.terminate()
     for proc in procs:
