@@ -81,8 +81,9 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
     per_variant = {}
     for v in variants:
         cells = [r for r in rows if r["variant"] == v]
-        acc = (train or {}).get("test_accuracy") if v == "torch" else \
-            ((export or {}).get(EXPORT_SECTIONS[v]) or {}).get("test_accuracy")
+        section = train if v == "torch" else (export or {}).get(EXPORT_SECTIONS[v])
+        acc = section.get("test_accuracy") if isinstance(section, dict) else None
+        acc = acc if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None  # reports may be edited
         per_variant[v] = {
             "file": str(run_dir / FILES[v]), "bytes": (run_dir / FILES[v]).stat().st_size, "test_accuracy": acc,
             "cold_start_ms": float(np.median([c["cold_start_ms"] for c in cells])),
@@ -91,7 +92,8 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
             "device_memory_mb": max((c["device_memory_mb"] or 0) for c in cells) or None,
             "nodes_per_provider": next((c.get("nodes_per_provider") for c in cells if c.get("nodes_per_provider")), None),
         }
-    report = {"run": str(run_dir), "arch": (train or export or {}).get("arch"), "provider": config.provider,
+    arch = (train or export or {}).get("arch")
+    report = {"run": str(run_dir), "arch": arch if isinstance(arch, str) else None, "provider": config.provider,
               "settings": asdict(config), "machine": machine(config.threads, include_torch=config.torch),
               "rows": rows, "variants": per_variant,
               # what was measured, so a later choice can tell whether these figures are about the run's files
@@ -113,9 +115,14 @@ def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> 
     """None for a variant that may be recommended, else why not (accuracy guard, CPU it cannot run on)."""
     out: dict[str, str | None] = {v: None for v in per_variant if v != "torch"}
     if "onnx-int8" in out:
-        int8 = (export or {}).get("int8") or {}
-        guard = ((export or {}).get("settings", {}).get("quantization") or {}).get("max_accuracy_drop")
-        drop = int8.get("accuracy_drop_points")
+        def number(*keys: str) -> float | None:  # export.json may have been edited: a wrong type reads as absent
+            value: Any = export
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        guard = number("settings", "quantization", "max_accuracy_drop")
+        drop = number("int8", "accuracy_drop_points")
         if per_variant["onnx-int8"].get("cpu_problem"):
             out["onnx-int8"] = "it would saturate on this CPU"
         elif drop is None or guard is None:
@@ -151,9 +158,9 @@ def float_convolutions(int8_path: Path) -> dict[str, int] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    from .files import read_report
+
+    report = read_report(path)
+    return report if isinstance(report, dict) else None
 
 

@@ -23,8 +23,24 @@ from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a ResNet on MNIST, export it to ONNX and INT8, benchmark and serve it.")
-console = Console()
-err_console = Console(stderr=True)
+
+
+class _TerminalConsole(Console):
+    """rich's Console for text that may come from files (paths, model metadata, run reports): markup is
+    never interpreted ('[/x]' in a path is text, not a closing tag) and control characters (ESC, and so
+    ANSI/OSC sequences) are printed escaped, in plain prints, table cells and titles alike."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(markup=False, highlight=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        from .names import terminal_text
+
+        return super().render_str(terminal_text(text), **kwargs)
+
+
+console = _TerminalConsole()
+err_console = _TerminalConsole(stderr=True)
 
 
 def _fail(message: str) -> None:

@@ -250,14 +250,11 @@ class PackageConfig:
 
 def check_resume_epochs(run_dir: Path, epochs: int) -> None:
     """--resume continues the saved recipe (its one-cycle schedule is fixed by the epoch count)."""
-    import json
-
     from .contract import TRAIN_REPORT
+    from .files import read_report
 
-    try:
-        saved = json.loads((run_dir / TRAIN_REPORT).read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return
+    report = read_report(run_dir / TRAIN_REPORT)
+    saved = report.get("epochs") if isinstance(report, dict) else None
     if isinstance(saved, int) and saved != epochs:
         raise UserError(f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
                         f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs")

@@ -64,6 +64,23 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+MAX_REPORT_BYTES = 16 * 2**20  # a run's JSON reports are kilobytes; larger is not ours
+
+
+def read_report(path: str | Path) -> Any | None:
+    """A run's JSON report (export.json, bench.json, train.json) as parsed, or None when it is missing,
+    unreadable, too large, not JSON, or nested too deep to parse (RecursionError). The caller still checks
+    the type of every value it uses: a report is a file anyone may have edited."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_REPORT_BYTES + 1)
+        if len(data) > MAX_REPORT_BYTES:
+            return None
+        return json.loads(data)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -31,27 +31,38 @@ from .contract import (DEPLOY_DIR, INPUT_NAME, INPUT_SHAPE, KSERVE_FILE, LABELS,
 from .config import PackageConfig
 from .errors import UserError
 from .files import write_bytes
+from .names import check_name
 
 log = logging.getLogger(__name__)
 
 REPOSITORY_MODEL = TRITON_MODEL_FILE
-PACKAGE_ENTRIES = {TRITON_DIR, KSERVE_FILE, ORT_DIR}
+PACKAGE_MARKER = ".resnet-edge-package"  # written into every --out folder: only such a folder is ever replaced
 ORT_PARITY_ATOL = 1e-5
 
 
+def _pbtxt_string(value: str) -> str:
+    """A string value of protobuf's text format, quoted and escaped by protobuf itself (what its text
+    printer does), never by string formatting."""
+    from google.protobuf import text_encoding
+
+    return '"' + text_encoding.CEscape(value, as_utf8=False) + '"'
+
+
 def triton_config(name: str, config: PackageConfig) -> str:
-    """config.pbtxt (protobuf text format of Triton's ModelConfig) for one of our ONNX models."""
+    """config.pbtxt (protobuf text format of Triton's ModelConfig) for one of our ONNX models. ``name``
+    has passed :func:`names.check_name`, and every string goes through protobuf's own escaping too."""
     dims = ", ".join(str(d) for d in INPUT_SHAPE)
     kind = "KIND_GPU" if config.kind == "gpu" else "KIND_CPU"
+    q = _pbtxt_string
     lines = [
-        f'name: "{name}"',
+        f"name: {q(name)}",
         'platform: "onnxruntime_onnx"',
         f"max_batch_size: {config.max_batch_size}",
         "input [",
-        f'  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ {dims} ] }}',
+        f"  {{ name: {q(INPUT_NAME)} data_type: TYPE_FP32 dims: [ {dims} ] }}",
         "]",
         "output [",
-        f'  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] label_filename: "{LABELS_FILE}" }}',
+        f"  {{ name: {q(OUTPUT_NAME)} data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] label_filename: {q(LABELS_FILE)} }}",
         "]",
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {config.queue_delay_us}",
@@ -59,34 +70,35 @@ def triton_config(name: str, config: PackageConfig) -> str:
         f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
     ]
     if config.threads:
-        lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{config.threads}" }} }}')
+        lines.append(f"parameters {{ key: {q('intra_op_thread_count')} value: {{ string_value: {q(str(config.threads))} }} }}")
     return "\n".join(lines) + "\n"
 
 
 def kserve_manifest(arch: str, names: list[str], config: PackageConfig) -> str:
-    """A KServe InferenceService for the repository, served by KServe's Triton runtime (protocol v2)."""
-    gpu = '\n          nvidia.com/gpu: "1"' if config.kind == "gpu" else ""
-    return f"""# KServe InferenceService for the Triton model repository triton/ beside this file ({", ".join(names)}).
-# Copy the contents of triton/ to the storage named below, then: kubectl apply -f kserve.yaml
-apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {_dns_label("resnet-edge-" + arch)}
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: onnx
-      protocolVersion: v2
-      storageUri: {json.dumps(config.storage_uri)}
-      resources:
-        requests:
-          cpu: "1"
-          memory: 1Gi
-        limits:
-          cpu: "2"
-          memory: 2Gi{gpu}
-"""
+    """A KServe InferenceService for the repository, served by KServe's Triton runtime (protocol v2),
+    written by a YAML emitter (values are never formatted into the text; the comment names only names
+    that passed :func:`names.check_name`)."""
+    import yaml
+
+    for name in (arch, *names):
+        check_name(name, "model name")
+    limits: dict[str, Any] = {"cpu": "2", "memory": "2Gi"}
+    if config.kind == "gpu":
+        limits["nvidia.com/gpu"] = "1"
+    manifest = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": _dns_label("resnet-edge-" + arch)},
+        "spec": {"predictor": {"model": {
+            "modelFormat": {"name": "onnx"},
+            "protocolVersion": "v2",
+            "storageUri": config.storage_uri,
+            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": limits},
+        }}},
+    }
+    header = (f"# KServe InferenceService for the Triton model repository triton/ beside this file ({', '.join(names)}).\n"
+              "# Copy the contents of triton/ to the storage named below, then: kubectl apply -f kserve.yaml\n")
+    return header + yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False, allow_unicode=False)
 
 
 def _dns_label(name: str) -> str:
@@ -95,19 +107,23 @@ def _dns_label(name: str) -> str:
     return label if label and label[0].isalpha() else f"m-{label}"[:63]
 
 
-def _check_out_dir(run_dir: Path, out_dir: Path) -> None:
-    """``out_dir`` is replaced whole: only a folder that holds nothing but an earlier package may be."""
+def _out_dir(run_dir: Path, out_dir: Path) -> tuple[Path, bool]:
+    """The folder ``package`` writes (a symbolic link is followed to its folder), and whether an earlier
+    package is there to replace. ``package`` replaces only what it wrote: a folder that holds its marker
+    file (PACKAGE_MARKER), or an empty one; it refuses any other folder, and never deletes into one."""
     from .files import ensure_writable_dir
 
     out, run = out_dir.resolve(), run_dir.resolve()
     if out == run or out in run.parents:
         raise UserError(f"--out {out_dir}: it holds the run itself; give a folder of its own (default: <run>/{DEPLOY_DIR})")
-    if out_dir.exists() and not out_dir.is_dir():
+    if out.exists() and not out.is_dir():
         raise UserError(f"--out {out_dir}: a file is there, not a folder")
-    if out_dir.is_dir() and not {p.name for p in out_dir.iterdir()} <= PACKAGE_ENTRIES:
-        raise UserError(f"--out {out_dir}: the folder holds other files than a package ({', '.join(sorted(PACKAGE_ENTRIES))}); "
-                        "give an empty or new folder")
-    ensure_writable_dir(out_dir.parent)
+    ours = out.is_dir() and (out / PACKAGE_MARKER).is_file() and not (out / PACKAGE_MARKER).is_symlink()
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise UserError(f"--out {out_dir}: the folder holds files that `resnet-edge package` did not write (it has no "
+                        f"{PACKAGE_MARKER}); give an empty or new folder")
+    ensure_writable_dir(out.parent)
+    return out, ours
 
 
 def _ort_parity(onnx_path: Path, ort_path: Path, x: np.ndarray) -> float:
@@ -161,16 +177,22 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
     if not models:
         raise UserError(f"{run_dir}: no model to package (run `resnet-edge export --quantize` first)")
     check_same_checkpoint(run_dir)
-    _check_out_dir(run_dir, out_dir)
-    arch = {p.key: p.value for p in check_model_file(next(iter(models.values()))).metadata_props}.get("architecture") \
-        or run_dir.name
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shown_out = out_dir
+    out_dir, replace = _out_dir(run_dir, out_dir)
+    props = {p.key: p.value for p in check_model_file(next(iter(models.values()))).metadata_props}
+    arch = props.get("architecture") or run_dir.resolve().name
+    where = "the model's 'architecture' metadata" if props.get("architecture") else "the run folder's name"
+    check_name(arch, where)  # it becomes folder names, config values and a Kubernetes name: refused, not cleaned
+    names = [arch if variant == "fp32" else f"{arch}_{variant}" for variant in models]
+    for name in names:
+        check_name(name, f"the Triton model name made from {where}")
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
         stage = Path(tmp) / "deploy"
-        names = []
+        stage.mkdir()
+        write_bytes(stage / PACKAGE_MARKER, (json.dumps({"written_by": "resnet-edge package", "run": str(run_dir),
+                                                        "models": names}) + "\n").encode())
         for variant, path in models.items():
             name = arch if variant == "fp32" else f"{arch}_{variant}"
-            names.append(name)
             model_dir = stage / TRITON_DIR / name
             (model_dir / "1").mkdir(parents=True)
             shutil.copyfile(path, model_dir / "1" / REPOSITORY_MODEL)
@@ -180,8 +202,10 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
         parity = _convert_to_ort(models, Path(tmp)) if config.ort else {}
         if config.ort:
             shutil.move(str(Path(tmp) / "ort"), str(stage / ORT_DIR))
-        if out_dir.exists():  # an earlier package (checked above): replaced whole
+        if replace:  # an earlier package (its marker checked above): replaced whole
             shutil.rmtree(out_dir)
+        elif out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); fails rather than delete anything that appeared since
         stage.rename(out_dir)
-    return {"repository": str(out_dir / TRITON_DIR), "models": names, "ort_parity_max_abs_diff": parity,
-            "kserve": str(out_dir / KSERVE_FILE)}
+    return {"repository": str(shown_out / TRITON_DIR), "models": names, "ort_parity_max_abs_diff": parity,
+            "kserve": str(shown_out / KSERVE_FILE)}

@@ -37,6 +37,9 @@ def read_pixels(path: Path) -> Any:
 
 def predict_files(session: Any, paths: list[Path]) -> list[dict[str, Any]]:
     """[{"path", "digit", "probabilities"}] for each image file, in order."""
+    from .runtime import check_output_shape
+
     inputs = [(path, read_pixels(path)) for path in paths]
-    return [{"path": str(path), **digit_prediction(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0][0])}
+    return [{"path": str(path), **digit_prediction(
+                check_output_shape(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0], len(pixels), "the model")[0])}
             for path, pixels in inputs]

@@ -136,7 +136,35 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
         raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     if session.get_providers()[0] != name:
         raise UserError(f"ONNX Runtime did not start {name} for {path} (got {session.get_providers()})")
+    if check_contract_too:
+        check_outputs(session, path)
     return session
+
+
+def _batch_of(session: Any, rows: int) -> int:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else rows
+
+
+def check_output_shape(logits: Any, rows: int, path: Path | str) -> np.ndarray:
+    """What the model answered for ``rows`` inputs must be float32 logits [rows, NUM_CLASSES]: a file may
+    declare that shape and answer another (a Slice after the logits), so every run is checked."""
+    shape = getattr(logits, "shape", None)
+    if shape != (rows, NUM_CLASSES) or getattr(logits, "dtype", None) != np.float32:
+        raise ModelFileError(f"{path}: the model answered {rows} input rows with {getattr(logits, 'dtype', '?')} "
+                             f"{list(shape) if shape is not None else type(logits).__name__}, not "
+                             f"float32 {OUTPUT_NAME!r} [{rows}, {NUM_CLASSES}] as its contract says")
+    return logits
+
+
+def check_outputs(session: Any, path: Path | str) -> None:
+    """Run the model once at load on a small batch of zeros and check the shape of what it answers."""
+    rows = _batch_of(session, 2)
+    try:
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((rows, *INPUT_SHAPE), np.float32)})[0]
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's error classes derive from Exception only
+        raise ModelFileError(f"{path}: ONNX Runtime cannot run it ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    check_output_shape(logits, rows, path)
 
 
 @dataclass
@@ -155,7 +183,8 @@ def evaluate_session(session: Any, images: np.ndarray, labels: np.ndarray, batch
     outs = []
     t0 = time.perf_counter()
     for i in range(0, len(images), batch_size):
-        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + batch_size]})[0])
+        batch = images[i:i + batch_size]
+        outs.append(check_output_shape(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], len(batch), "the model"))
         if progress is not None:
             progress(min(batch_size, len(images) - i))
     seconds = time.perf_counter() - t0

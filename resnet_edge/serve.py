@@ -38,9 +38,11 @@ from starlette.routing import Route
 from .config import ServerConfig
 from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction
 from .errors import UserError
+from .names import check_labels, check_name, is_name
 from .runtime import create_session
 from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, ascii_count,
-                       check_json_size, encode_http_response, model_input, parse_http_request)
+                       check_json_size, encode_http_response, header_length, model_input, multipart_file,
+                       parse_http_request)
 
 __all__ = ["Busy", "DynamicBatcher", "RequestError", "ServerConfig", "create_app", "serve", "OUTPUTS", "PROBABILITIES"]
 
@@ -299,11 +301,25 @@ def check_batching(session: Any, max_batch_size: int) -> None:
 
 
 def model_metadata(name: str, meta: dict[str, str]) -> dict[str, Any]:
+    """The model's metadata answer, made once at load. Of the file's metadata_props only what passes the
+    rules of names.py is served (a valid architecture name, a short accuracy, NUM_CLASSES short labels):
+    whatever else a file holds, say 10 MB of labels, is dropped with a warning, never sent per request."""
+    parameters = {}
+    if is_name(meta.get("architecture")):
+        parameters["architecture"] = meta["architecture"]
+    accuracy = meta.get("test_accuracy")
+    if isinstance(accuracy, str) and len(accuracy) <= 32 and accuracy.isprintable():
+        parameters["test_accuracy"] = accuracy
+    if "labels" in meta:
+        if check_labels(meta["labels"]) is not None:
+            parameters["labels"] = meta["labels"]
+        else:
+            log.warning("the model's 'labels' metadata is not %d short names; its metadata is served without it", NUM_CLASSES)
     return {
         "name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
         "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, NUM_CLASSES]} for o in OUTPUTS],
-        "parameters": {k: meta[k] for k in ("architecture", "test_accuracy", "labels") if k in meta},
+        "parameters": parameters,
     }
 
 
@@ -334,9 +350,10 @@ class ServerState:
     async def parse(self, raw: bytes, header_value: str | None) -> InferRequest:
         """An HTTP inference request, parsed inline, in a thread, or (a large JSON body, whose parsing
         would hold the GIL and so the event loop for tens of milliseconds) in a worker process."""
-        # the JSON part (binary data after it is cheap)
-        json_size = int(header_value) if ascii_count(header_value, 12) else len(raw)  # type: ignore[arg-type]
-        check_json_size(raw, min(json_size, len(raw)))  # implausibly large for its shape: refused before parsing
+        # the JSON part (binary data after it is cheap); a header length past the body is refused here,
+        # before any thread or process is given the body
+        json_size = len(raw) if header_value is None else header_length(header_value, len(raw))
+        check_json_size(raw, json_size)  # implausibly large for its shape: refused before parsing
         if json_size <= PROCESS_BYTES:
             return await self.work(parse_http_request, raw, header_value, size=len(raw))
         if self.processes is None:
@@ -394,7 +411,13 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     check_batching(session, config.max_batch_size)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if config.model_name is None:
-        config.model_name = meta.get("architecture") or Path(config.model_path).name.split(".")[0]
+        if meta.get("architecture"):
+            config.model_name = check_name(meta["architecture"], f"{config.model_path}: the 'architecture' metadata")
+        else:
+            config.model_name = check_name(Path(config.model_path).name.split(".")[0],
+                                           f"{config.model_path}: the file name (give --model-name)")
+    else:  # one path segment in every URL, as Triton's model names; a file or the user may have named it
+        check_name(config.model_name, "--model-name" if config.model_path is None else "the served model name")
     state = ServerState(config, model_metadata(config.model_name, meta))
     io_binding = config.provider.lower() not in ("cpu", "cpuexecutionprovider")
 
@@ -421,8 +444,8 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
             await grpc_server.stop()
         await batcher.stop()
         state.pool.shutdown(wait=False)
-        if state.processes is not None:
-            state.processes.shutdown(wait=False, cancel_futures=True)
+        if state.processes is not None:  # idle by now: waiting leaves nothing for the interpreter's exit hook, which
+            state.processes.shutdown(wait=True, cancel_futures=True)  # otherwise may write to its closed wake-up pipe
 
     app = FastAPI(title="resnet-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -692,37 +715,20 @@ def _add_inference_routes(app: Any, state: ServerState) -> None:
         except ImageError as exc:
             raise RequestError(400, str(exc)) from None
 
+    def image_pixels(raw: bytes, content_type: str) -> np.ndarray:
+        data = multipart_file(raw, content_type) if content_type.startswith("multipart/form-data") else raw
+        if not data:
+            raise RequestError(400, "expected an image (PNG, JPEG, BMP, GIF, WebP, TIFF) as the body or as "
+                                    "multipart field 'file'")
+        return decode(data)
+
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
         async with _Body(request.headers, request.receive, state) as raw:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                data = await _multipart_file(request, raw)
-            else:
-                data = raw
-            if not data:
-                raise RequestError(400, "expected an image (PNG, JPEG, BMP, GIF, WebP, TIFF) as the body or as "
-                                        "multipart field 'file'")
-            pixels = await state.work(decode, data)
+            # the multipart form, if any, and the image are both read in the request thread pool
+            pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
             logits = await state.infer(pixels)
         return digit_prediction(logits[0])
-
-
-async def _multipart_file(request: Any, raw: bytes) -> bytes:
-    """The 'file' field of a multipart body already read (and size-checked) into ``raw``."""
-    from starlette.requests import Request as StarletteRequest
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    replay = StarletteRequest(request.scope, receive)
-    try:
-        form = await replay.form()
-    except Exception:
-        raise RequestError(400, "malformed multipart body") from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise RequestError(400, f"multipart body needs a file field named 'file', got fields {list(form.keys())[:10]}")
-    return await upload.read()
 
 
 # ------------------------------------------------------------------------------------------ running it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -185,14 +186,17 @@ def _loads(raw: bytes | memoryview) -> tuple[Any, bool]:
 
 def check_json_size(raw: bytes, json_size: int) -> None:
     """Refuse a JSON part far larger than its tensor could need before parsing it (an 8 MB body that
-    claims one image): its first dimension is read from a plain ``"shape": [N`` in the bytes; without
-    one, the parser decides."""
+    claims one image). Its row count is read from a plain ``"shape": [N`` in the bytes: a valid request
+    has exactly one tensor and so one shape, so the smallest N found is taken (a decoy ``"shape": [1024]``
+    elsewhere cannot raise the limit), and a large JSON part with no plain shape at all is refused (it
+    could only fail after a costly parse)."""
     if json_size <= JSON_SLACK_BYTES:
         return
     rows = [int(m.group(1)) for m in itertools.islice(_SHAPE.finditer(raw, 0, json_size), 16)]
     if not rows:
-        return
-    most = min(max(rows), MAX_ROWS_PER_REQUEST)
+        raise RequestError(413, f"a JSON request over {JSON_SLACK_BYTES} bytes must give its tensor's shape as a plain "
+                                f'"shape": [N, ...]; got {json_size} bytes without one')
+    most = min(min(rows), MAX_ROWS_PER_REQUEST)
     limit = JSON_SLACK_BYTES + most * IMAGE_PIXELS * JSON_BYTES_PER_VALUE
     if json_size > limit:
         raise RequestError(413, f"a JSON request of {most} images needs at most {limit} bytes ({JSON_BYTES_PER_VALUE} "
@@ -308,3 +312,73 @@ def encode_http_response(model_name: str, request: InferRequest, logits: np.ndar
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+# ------------------------------------------------------------------------------------------ /v1/predict
+MAX_MULTIPART_PARTS = 8  # /v1/predict needs one part, 'file'; a body of more is refused as soon as the count passes
+
+
+def multipart_file(raw: bytes, content_type: str) -> bytes:
+    """The 'file' part of a multipart/form-data body (read whole and size-checked before): parsed in the
+    request thread pool by python-multipart's streaming parser, which stops at the part over
+    MAX_MULTIPART_PARTS. 400 for a malformed body or one without a file part named 'file'."""
+    try:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # python-multipart before 0.0.13
+        from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
+
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a client's malformed body is its 400, not our log
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary or len(boundary) > 200:
+        raise RequestError(400, "malformed multipart body: no boundary in its Content-Type")
+    found: dict[str, Any] = {"parts": 0, "names": [], "file": None, "ended": False}
+    part: dict[str, Any] = {}
+
+    def on_part_begin() -> None:
+        found["parts"] += 1
+        if found["parts"] > MAX_MULTIPART_PARTS:
+            raise RequestError(400, f"multipart body of more than {MAX_MULTIPART_PARTS} parts; /v1/predict takes one, 'file'")
+        part.clear()
+        part.update(field=b"", value=b"", disposition=None, chunks=[])
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        if part["field"].lower() == b"content-disposition":
+            part["disposition"] = parse_options_header(part["value"])[1]
+        part["field"], part["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["chunks"].append(data[start:end])
+
+    def on_part_end() -> None:
+        options = part.get("disposition") or {}
+        name = options.get(b"name", b"")
+        found["names"].append(name.decode("latin-1")[:40])
+        if name == b"file" and b"filename" in options and found["file"] is None:
+            found["file"] = b"".join(part["chunks"])
+        part["chunks"] = []
+
+    def on_end() -> None:
+        found["ended"] = True
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end})
+    try:
+        parser.write(raw)
+        parser.finalize()
+    except RequestError:
+        raise
+    except Exception:  # python-multipart's parse errors
+        raise RequestError(400, "malformed multipart body") from None
+    if not found["ended"]:
+        raise RequestError(400, "malformed multipart body: it does not end with its closing boundary")
+    if found["file"] is None:
+        raise RequestError(400, f"multipart body needs a file field named 'file', got fields {found['names'][:10]}")
+    return found["file"]

@@ -12,7 +12,6 @@ is never picked silently. Torch-free.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import Any
 from .config import VARIANTS
 from .contract import BENCH_JSON, CHECKPOINT, EXPORT_REPORT, MODEL_FILES, TRITON_CONFIG, TRITON_MODEL_FILE
 from .errors import UserError
+from .files import read_report
 from .machine import CpuInfo, cpu_info
+from .names import check_name, is_version, printable, shown
 
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,11 @@ def check_same_checkpoint(run_dir: Path) -> None:
             sha = _props(run_dir / name).get("source_checkpoint_sha256")
             if sha:
                 sources[name] = sha
-    try:
-        report = json.loads((run_dir / EXPORT_REPORT).read_text())
-        if isinstance(report, dict) and isinstance(report.get("checkpoint"), dict) and report["checkpoint"].get("sha256"):
-            sources[EXPORT_REPORT] = report["checkpoint"]["sha256"]
-    except (OSError, ValueError):
-        pass
+    report = read_report(run_dir / EXPORT_REPORT)  # None when missing or malformed: nothing to compare
+    checkpoint = report.get("checkpoint") if isinstance(report, dict) else None
+    sha = checkpoint.get("sha256") if isinstance(checkpoint, dict) else None
+    if isinstance(sha, str) and sha:
+        sources[EXPORT_REPORT] = sha
     if (run_dir / CHECKPOINT).exists() and sources:
         from .files import file_sha256
 
@@ -73,7 +73,7 @@ def check_same_checkpoint(run_dir: Path) -> None:
             log.warning("%s: checkpoint.pt is newer than its exported models; run `resnet-edge export` again "
                         "to deploy it", run_dir)
     if len(set(sources.values())) > 1:
-        listing = ", ".join(f"{k} from {v[:12]}" for k, v in sources.items())
+        listing = ", ".join(f"{k} from {printable(v, 12)}" for k, v in sources.items())
         raise UserError(f"{run_dir}: its files come from different checkpoints ({listing}); "
                         f"run `resnet-edge export --run {run_dir} --quantize` again")
 
@@ -81,13 +81,15 @@ def check_same_checkpoint(run_dir: Path) -> None:
 def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuInfo) -> tuple[str, str] | None:
     """(variant, reason) from the run's bench.json when it was measured here, on the files the run holds
     now; None otherwise (no report, another machine or provider, other files, a malformed report)."""
+    report = read_report(run_dir / BENCH_JSON)
     try:
-        report = json.loads((run_dir / BENCH_JSON).read_text())
-        rec = report["recommendation"][workload]
-        measured_on, benched = report["machine"], report.get("files") or {}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        rec = report["recommendation"][workload]  # type: ignore[index]
+        measured_on, benched = report["machine"], report.get("files") or {}  # type: ignore[index,union-attr]
+    except (KeyError, TypeError, IndexError, AttributeError):
         return None
-    if not (isinstance(rec, dict) and isinstance(measured_on, dict) and isinstance(benched, dict)):
+    if not (isinstance(rec, dict) and isinstance(measured_on, dict) and isinstance(benched, dict)
+            and isinstance(rec.get("variant"), str) and isinstance(rec.get("why", ""), str)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in benched.items())):
         return None
     from .files import file_sha256
     from .runtime import provider_name
@@ -102,7 +104,8 @@ def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuIn
     for name, sha in benched.items():
         if name not in FILES.values() or not (run_dir / name).exists() or file_sha256(run_dir / name) != sha:
             return None
-    return variant, f"bench.json, measured on this CPU, recommends it for {workload}: {rec.get('why', '')}".rstrip(": ")
+    why = printable(rec.get("why", ""), 300)  # text from a file: no control characters reach the terminal
+    return variant, f"bench.json, measured on this CPU, recommends it for {workload}: {why}".rstrip(": ")
 
 
 def choose_model(run_dir: Path, variant: str = "auto", workload: str = "throughput", provider: str = "cpu",
@@ -212,7 +215,7 @@ def choose_repository_model(repository: Path, name: str | None, provider: str = 
     models = repository_models(repository)
     if name is not None:
         if name not in models:
-            raise UserError(f"{repository}: no model {name!r}; it holds {', '.join(models)}")
+            raise UserError(f"{repository}: no model {shown(name)}; it holds {', '.join(models)}")
         return Choice(models[name], name, "--model-name")
     if len(models) == 1:
         only = next(iter(models))
@@ -238,10 +241,15 @@ def repository_models(repository: Path) -> dict[str, Path]:
         raise UserError(f"{repository}: no model repository there")
     found = {}
     for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and (p / TRITON_CONFIG).exists()):
-        versions = sorted((v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()
-                           and (v / TRITON_MODEL_FILE).exists()), key=lambda v: int(v.name))
-        if versions:
-            found[model_dir.name] = versions[-1] / TRITON_MODEL_FILE
+        folders = [v for v in model_dir.iterdir() if v.is_dir()]
+        for v in folders:  # Python reads '²' or '٣' as digits, Triton does not: refused, not guessed at
+            if v.name.isnumeric() and not v.name.isascii():
+                raise UserError(f"{model_dir}: the version folder {shown(v.name)} is not a version number in ASCII digits")
+        # versions as Triton reads them: ASCII digits without a leading zero; other folders are not versions
+        versions = sorted((v for v in folders if is_version(v.name) and (v / TRITON_MODEL_FILE).exists()),
+                          key=lambda v: int(v.name))
+        if versions:  # its folder's name becomes the served name, in URLs: the one rule of names.py
+            found[check_name(model_dir.name, f"{repository}: the folder")] = versions[-1] / TRITON_MODEL_FILE
     if not found:
         raise UserError(f"{repository}: no <model>/{TRITON_CONFIG} with a <version>/{TRITON_MODEL_FILE} in it")
     return found

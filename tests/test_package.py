@@ -149,13 +149,13 @@ def test_package_never_replaces_a_folder_it_did_not_write(deploy, tmp_path):
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     for target, message in ((run, "it holds the run itself"), (run.parent, "it holds the run itself"),
-                            (keep, "holds other files than a package")):
+                            (keep, "did not write")):
         result = runner.invoke(app, ["package", "--run", str(run), "--out", str(target)])
         assert result.exit_code == 1 and message in result.stderr, result.output
     assert (keep / "notes.txt").read_text() == "mine" and (run / "checkpoint.pt").exists()
     again = runner.invoke(app, ["package", "--run", str(run), "--no-ort"])  # an earlier package: replaced whole
     assert again.exit_code == 0, again.output
-    assert sorted(p.name for p in out.iterdir()) == ["kserve.yaml", "triton"]
+    assert sorted(p.name for p in out.iterdir()) == [".resnet-edge-package", "kserve.yaml", "triton"]
 
 
 def test_repository_model_choice_follows_cpu_and_provider(deploy):
@@ -169,3 +169,73 @@ def test_repository_model_choice_follows_cpu_and_provider(deploy):
     assert choose_repository_model(repo, None, "cpu", AVX2_ONLY).variant == "resnet8"
     assert choose_repository_model(repo, None, "cuda", VNNI).variant == "resnet8"
     assert choose_repository_model(repo, "resnet8_int8", "cpu", AVX2_ONLY).reason == "--model-name"
+
+
+# ------------------------------------------------------------------ names and folders from files (issue 25)
+def _run_with_architecture(run, folder, arch):
+    """A copy of the run's FP32 model alone (no INT8, no bench), its 'architecture' metadata set to ``arch``."""
+    folder.mkdir(parents=True)
+    model = onnx.load(str(run / "model.onnx"))
+    for p in model.metadata_props:
+        if p.key == "architecture":
+            p.value = arch
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["/tmp/elsewhere/prod_model", "../../../escaped", 'm" backend: "python',
+                                  "m\n---\napiVersion: v1\nkind: Pod", "a/b", "A" * 64, "r\x1b[2J", "..", ".hidden"])
+def test_package_refuses_an_architecture_that_is_not_a_plain_name(deploy, tmp_path, arch):
+    """audit-3 #1 and #2: the name became folders outside --out and config lines; now one line, nothing written."""
+    from helpers import error_line
+
+    run, _ = deploy
+    copy = _run_with_architecture(run, tmp_path / "work" / "run", arch)
+    out = tmp_path / "work" / "deploy"
+    line = error_line(["package", "--run", copy, "--out", out, "--no-ort"])
+    assert "not a valid model name" in line and "\x1b" not in line and len(line) < 300
+    assert not out.exists() and sorted(p.name for p in (tmp_path / "work").iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_config_pbtxt_and_kserve_yaml_are_written_by_their_formats_quoting():
+    """Even a value that passed no name check cannot add fields or documents: protobuf's escaping in
+    config.pbtxt, a YAML emitter for kserve.yaml (here through --storage-uri, which is the user's own)."""
+    import yaml
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from resnet_edge.config import PackageConfig
+    from resnet_edge.package import kserve_manifest, triton_config
+
+    hostile = 'm" parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "x" } } backend: "python\n\x1b'
+    config = text_format.Parse(triton_config(hostile, PackageConfig()), mc.ModelConfig())
+    assert config.name == hostile and config.backend == "" and "EXECUTION_ENV_PATH" not in config.parameters
+    uri = "s3://bucket/repo\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: injected}\n# "
+    docs = [d for d in yaml.safe_load_all(kserve_manifest("resnet8", ["resnet8"], PackageConfig(storage_uri=uri))) if d]
+    assert len(docs) == 1 and docs[0]["kind"] == "InferenceService"
+    assert docs[0]["spec"]["predictor"]["model"]["storageUri"] == uri
+
+
+def test_package_out_never_deletes_a_repository_it_did_not_write(deploy, tmp_path):
+    """audit-3 #3: an --out whose top level held only triton/ was deleted whole, other models with it."""
+    from helpers import error_line
+
+    run, _ = deploy
+    store = tmp_path / "models_store"
+    for m in ("prod_model_a", "prod_model_b"):
+        (store / "triton" / m / "1").mkdir(parents=True)
+        (store / "triton" / m / "config.pbtxt").write_text(f'name: "{m}"\n')
+        (store / "triton" / m / "1" / "model.onnx").write_text("precious weights\n")
+    line = error_line(["package", "--run", run, "--out", store, "--no-ort"])
+    assert "did not write" in line
+    assert sorted(p.name for p in (store / "triton").iterdir()) == ["prod_model_a", "prod_model_b"]
+    assert (store / "triton" / "prod_model_a" / "1" / "model.onnx").read_text() == "precious weights\n"
+    # a symbolic link to an empty folder: written into that folder (no traceback); again: replaced, as ours
+    (tmp_path / "real_out").mkdir()
+    (tmp_path / "link_out").symlink_to(tmp_path / "real_out")
+    for _ in range(2):
+        result = runner.invoke(app, ["package", "--run", str(run), "--out", str(tmp_path / "link_out"), "--no-ort"])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "link_out").is_symlink()
+        assert sorted(p.name for p in (tmp_path / "real_out").iterdir()) == [".resnet-edge-package", "kserve.yaml", "triton"]

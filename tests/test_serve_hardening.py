@@ -911,7 +911,7 @@ def test_a_dead_parser_process_pool_is_shut_down():
     state = ServerState(ServerConfig(model_path="m.onnx"), {})
     state.processes = broken = Broken()
     with pytest.raises(RequestError) as info:
-        asyncio.run(state.parse(b" " * (PROCESS_BYTES + 1), None))
+        asyncio.run(state.parse(b'{"inputs": [{"shape": [1000, 784]' + b" " * PROCESS_BYTES, None))
     assert info.value.status == 503 and broken.shut and state.processes is None
     state.pool.shutdown()
 
