@@ -5,8 +5,15 @@ slowest answer, whether health stayed 200 (and its slowest answer), and the serv
 (sampled every 0.2 s). The issue's bar: every class answers 4xx
 or 503 within 1 s, ready stays 200, RSS under 300 MB during the image-bomb flood.
 
+Issue 25's classes: a multipart /v1/predict body of 1,000 fields and 1,000 files, and two on --grpc-port
+(grpc.aio clients in the child): invalid 8 MiB ModelInfer messages, and ModelInfer calls that send their
+headers and never their message (each client opens one, waits for the server's answer, opens the next).
+For the gRPC classes this process also calls gRPC ServerLive every 50 ms ("grpc_live"); the stalled
+class reports the calls still open when the clock stopped. --only SUBSTRING (repeatable) picks classes.
+
     python benchmarks/serve_abuse.py --model exported/resnet8/model.int8.onnx --clients 32 --seconds 10 \
         --out benchmarks/results/cpu/serve_abuse.json
+    python benchmarks/serve_abuse.py --model exported/resnet8/model.int8.onnx --seconds 3 --only gRPC --only multipart
 """
 
 from __future__ import annotations
@@ -50,8 +57,33 @@ def _tensor(data, **extra) -> bytes:
     return json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": data}], **extra}).encode()
 
 
-def classes() -> dict[str, tuple[str, bytes]]:
-    """Class name -> (route, body). Built once, before the clock."""
+GRPC, STALLED = "grpc:", "grpc-stalled:"  # routes of the gRPC classes: the method after the colon
+INVALID_MB = 8  # the invalid ModelInfer messages: 8 MiB (the default --max-body-bytes) of bytes for one image
+
+
+def _multipart() -> tuple[bytes, dict[str, str]]:
+    """1,000 tiny form fields and 1,000 tiny files (issue 25's reproducer): body and its Content-Type."""
+    boundary = "a" * 70
+    body = b"".join(b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % k
+                    for k in range(1000))
+    body += b"".join(b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="g%d"; filename="x"\r\n\r\nv\r\n' % k
+                     for k in range(1000))
+    body += b"--" + boundary.encode() + b"--\r\n"
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _invalid_model_infer() -> bytes:
+    """A ModelInfer message of INVALID_MB MiB whose shape says one image: INVALID_ARGUMENT, once parsed."""
+    from resnet_edge.proto import messages
+
+    request = messages()["ModelInferRequest"](model_name="m")
+    request.inputs.add(name="pixels", datatype="UINT8", shape=[1, 784])
+    request.raw_input_contents.append(b"\0" * (INVALID_MB * 2**20 - 200))
+    return request.SerializeToString()
+
+
+def classes() -> dict[str, tuple[Any, ...]]:
+    """Class name -> (route, body[, extra headers]). Built once, before the clock."""
     big = Image.new("L", (4096, 4096))
     big.paste(255, (1500, 500, 2500, 3500))
     return {
@@ -67,6 +99,9 @@ def classes() -> dict[str, tuple[str, bytes]]:
         "outputs[].name a list": ("/v2/models/m/infer", _tensor([0.5] * 784, outputs=[{"name": ["logits"]}])),
         "strings in data": ("/v2/models/m/infer", _tensor(["0.5"] * 784)),
         "JSON body of 7.9 MB, wrong count": ("/v2/models/m/infer", _tensor([0.5] * 1_600_000)),
+        "multipart 1,000 fields + 1,000 files": ("/v1/predict", *_multipart()),
+        f"gRPC invalid {INVALID_MB} MiB ModelInfer": (GRPC + "ModelInfer", _invalid_model_infer()),
+        "gRPC stalled ModelInfer (no message)": (STALLED + "ModelInfer", b""),
     }
 
 
@@ -96,35 +131,113 @@ async def _client(port: int, request: bytes, stop: float, statuses: Counter, tim
         writer.close()
 
 
-def _flood_process(port: int, route: str, body: bytes, clients: int, seconds: float, out: Any) -> None:
+async def _grpc_client(channel: Any, route: str, body: bytes, stop: float, statuses: Counter, times: list[float],
+                       still_open: list[int]) -> None:
+    """One gRPC client on the shared channel: sends ``body`` to the method, or (STALLED) opens a call that
+    never sends its message and waits for the server's answer, again and again until ``stop``."""
+    import grpc
+
+    method = route.split(":", 1)[1]
+    forever = asyncio.Event()
+
+    async def no_message():
+        await forever.wait()
+        yield b""
+
+    async def outcome(call: Any) -> str:
+        try:
+            await call
+            return "OK"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        except asyncio.CancelledError:  # call.cancel() below: grpc.aio raises this from the call
+            return "CANCELLED"
+
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        if route.startswith(STALLED):
+            call = channel.stream_unary(f"/inference.GRPCInferenceService/{method}", request_serializer=lambda b: b,
+                                        response_deserializer=lambda b: b)(no_message(), timeout=120)
+        else:
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}", request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)(body, timeout=120)
+        answer = asyncio.ensure_future(outcome(call))
+        done, _ = await asyncio.wait({answer}, timeout=max(0.0, stop - time.perf_counter()))
+        if not done:  # the clock stopped first
+            call.cancel()
+            await answer
+            still_open[0] += 1
+            return
+        statuses[answer.result()] += 1
+        times.append(time.perf_counter() - t0)
+
+
+def _flood_process(port: int, route: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, out: Any) -> None:
     async def run() -> dict:
         statuses: Counter = Counter()
         times: list[float] = []
-        request = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        still_open = [0]
         stop = time.perf_counter() + seconds
-        await asyncio.gather(*(_client(port, request, stop, statuses, times) for _ in range(clients)))
+        if route.startswith((GRPC, STALLED)):
+            import grpc
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+                await asyncio.gather(*(_grpc_client(channel, route, body, stop, statuses, times, still_open) for _ in range(clients)))
+        else:
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            request = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+            await asyncio.gather(*(_client(port, request, stop, statuses, times) for _ in range(clients)))
         times.sort()
-        return {"statuses": {str(k): v for k, v in statuses.items()}, "slowest_s": times[-1] if times else None,
-                "p99_s": times[int(0.99 * (len(times) - 1))] if times else None}
+        result = {"statuses": {str(k): v for k, v in statuses.items()}, "slowest_s": times[-1] if times else None,
+                  "p99_s": times[int(0.99 * (len(times) - 1))] if times else None}
+        if route.startswith(STALLED):
+            result["still_open_at_stop"] = still_open[0]
+        return result
 
     out.put(asyncio.run(run()))
 
 
-def flood(port: int, route: str, body: bytes, clients: int, seconds: float) -> dict:
+def _grpc_live(call: Any, live: Counter) -> float:
+    """One gRPC ServerLive: its status counted, its time returned."""
+    import grpc
+
+    t0 = time.perf_counter()
+    try:
+        call(b"", timeout=10)
+        live["OK"] += 1
+    except grpc.RpcError as exc:
+        live[exc.code().name] += 1
+    return time.perf_counter() - t0
+
+
+def flood(port: int, route: str, body: bytes, clients: int, seconds: float, headers: dict[str, str] | None = None,
+          grpc_port: int = 0) -> dict:
     """``clients`` raw clients (in a child process) send ``body`` to ``route`` for ``seconds``, while this
-    process polls /v2/health/ready every 50 ms (so neither's own CPU time counts in the other's latency)."""
+    process polls /v2/health/ready every 50 ms (so neither's own CPU time counts in the other's latency);
+    for a gRPC class (route GRPC... or STALLED...: to ``grpc_port``) also gRPC ServerLive."""
     import multiprocessing
     import urllib.error
     import urllib.request
 
+    is_grpc = route.startswith((GRPC, STALLED))
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_flood_process, args=(port, route, body, clients, seconds, out))
+    child = ctx.Process(target=_flood_process, args=(grpc_port if is_grpc else port, route, body, headers or {}, clients, seconds, out))
     child.start()
     health: Counter = Counter()
-    slowest = 0.0
+    live: Counter = Counter()
+    slowest = live_slowest = 0.0
+    channel = live_call = None
+    if is_grpc:
+        import grpc
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        live_call = channel.unary_unary("/inference.GRPCInferenceService/ServerLive", request_serializer=lambda b: b,
+                                        response_deserializer=lambda b: b)
     stop = time.perf_counter() + seconds + 1.0  # the child's start-up included
     while time.perf_counter() < stop:
+        if live_call is not None:
+            live_slowest = max(live_slowest, _grpc_live(live_call, live))
         t0 = time.perf_counter()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10) as r:
@@ -137,6 +250,9 @@ def flood(port: int, route: str, body: bytes, clients: int, seconds: float) -> d
         time.sleep(0.05)
     result = out.get(timeout=120)
     child.join(timeout=30)
+    if channel is not None:
+        channel.close()
+        result.update(grpc_live={str(k): v for k, v in live.items()}, grpc_live_slowest_s=live_slowest)
     return {**result, "health": {str(k): v for k, v in health.items()}, "health_slowest_s": slowest}
 
 
@@ -146,14 +262,19 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                    help="only the classes whose name contains this (case-insensitive; repeatable)")
     args = ap.parse_args()
     if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 120:
         raise SystemExit("--clients 1-256, --seconds up to 120")
-    server, port, _ = start_server(args.model, [])
+    chosen = {name: c for name, c in classes().items() if not args.only or any(o.lower() in name.lower() for o in args.only)}
+    if not chosen:
+        raise SystemExit(f"--only matches no class of: {', '.join(classes())}")
+    server, port, grpc_port = start_server(args.model, [])
     results = {}
     try:
         process = psutil.Process(server.pid)
-        for name, (route, body) in classes().items():
+        for name, (route, body, *headers) in chosen.items():
             peak, done = [process.memory_info().rss], threading.Event()
 
             def sample() -> None:
@@ -162,13 +283,16 @@ def main() -> None:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            r = flood(port, route, body, args.clients, args.seconds)
+            r = flood(port, route, body, args.clients, args.seconds, *headers, grpc_port=grpc_port)
             done.set()
             sampler.join()
             r["rss_peak_mb"] = max(peak) / 2**20
             results[name] = r
-            print(f"{name:40s} {r['statuses']}  p99 {r['p99_s']:.2f} s  slowest {r['slowest_s']:.2f} s  ready {r['health']} "
-                  f"(slowest {r['health_slowest_s']:.2f} s)  RSS peak {r['rss_peak_mb']:.0f} MB", flush=True)
+            grpc_part = (f"  gRPC ServerLive {r['grpc_live']} (slowest {r['grpc_live_slowest_s']:.2f} s)" if "grpc_live" in r else "")
+            stalled = f"  still open at stop {r['still_open_at_stop']}" if "still_open_at_stop" in r else ""
+            times = (f"p99 {r['p99_s']:.2f} s  slowest {r['slowest_s']:.2f} s" if r["p99_s"] is not None else "no answers")
+            print(f"{name:40s} {r['statuses']}{stalled}  {times}  ready {r['health']} "
+                  f"(slowest {r['health_slowest_s']:.2f} s){grpc_part}  RSS peak {r['rss_peak_mb']:.0f} MB", flush=True)
         alive = server.poll() is None
     finally:
         server.terminate()
