@@ -780,7 +780,7 @@ def test_grpc_messages_are_bounded_by_the_byte_limits(small_server):
     from tritonclient.grpc import service_pb2_grpc
 
     from resnet_edge.config import ServerConfig
-    from resnet_edge.serve_grpc import max_rpcs
+    from resnet_edge.serve_grpc import COPIES, max_rpcs, receive_slots
 
     _, address = small_server
     with grpc.insecure_channel(address) as channel:
@@ -790,7 +790,9 @@ def test_grpc_messages_are_bounded_by_the_byte_limits(small_server):
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     config = ServerConfig(model_path="m.onnx", max_body_bytes=100_000, max_pending_bytes=300_000)
-    assert max_rpcs(config) == 3  # grpc.aio.server(maximum_concurrent_rpcs=...): bodies in flight <= the budget
+    assert max_rpcs(config) == 3  # messages of --max-body-bytes the budget holds
+    # messages received and parsed at once, each costing up to COPIES times its size: within the budget
+    assert receive_slots(config) == 1 and receive_slots(ServerConfig(model_path="m.onnx")) == 32 // COPIES
 
 
 def test_grpc_answers_like_http_and_advertises_only_what_it_serves(small_server):

@@ -23,10 +23,10 @@ STAGES = {
     "package": {"package"},
     "predict": {"predict"},
 }
-LIBRARY = {"contract", "config", "errors", "files", "machine", "int8", "data", "models", "checkpoint", "runtime",
+LIBRARY = {"contract", "config", "errors", "files", "names", "machine", "int8", "data", "models", "checkpoint", "runtime",
            "quantize", "fp16", "preprocess", "variants"}
 # What an edge box runs: eval of .onnx, bench --no-torch, serve, predict.
-INFERENCE = ["contract", "config", "errors", "files", "machine", "int8", "data", "runtime", "quantize", "fp16", "preprocess",
+INFERENCE = ["contract", "config", "errors", "files", "names", "machine", "int8", "data", "runtime", "quantize", "fp16", "preprocess",
              "variants", "evaluate", "bench", "bench_worker", "bench_report", "serve", "serve_v2", "serve_grpc", "package", "predict"]
 
 
