@@ -54,6 +54,23 @@ def _run_cell(variant: str, model: Path, config: BenchConfig, batch_size: int) -
     return row
 
 
+UNSTABLE_SPREAD = 0.10  # a cell whose repeats' p50 spread exceeds 10 % of their median is flagged
+
+
+def combine_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's rows from its interleaved repeats -> one row: the median repeat's figures (by p50), each
+    repeat's p50, their range and spread, and whether the cell was unstable (spread over UNSTABLE_SPREAD)."""
+    ordered = sorted(repeats, key=lambda r: r["p50_ms"])
+    row = dict(ordered[len(ordered) // 2])
+    p50s = [r["p50_ms"] for r in repeats]
+    median = float(np.median(p50s))
+    spread = (max(p50s) - min(p50s)) / median if median > 0 else 0.0
+    row.update(p50_ms=median, throughput=row["batch_size"] / (median / 1e3), repeats_p50_ms=p50s,
+               p50_range_ms=[min(p50s), max(p50s)], p50_spread=spread,
+               unstable=len(p50s) > 1 and spread > UNSTABLE_SPREAD, runs=sum(r["runs"] for r in repeats))
+    return row
+
+
 def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
     """Measure every available variant of the run at every batch size; returns the bench.json content."""
     from .files import file_sha256
@@ -69,13 +86,15 @@ def run_bench(run_dir: Path, config: BenchConfig, progress: Callable[[str, int],
     for v in variants:  # fail fast on a bad file, before minutes of measuring
         if v != "torch":
             create_session(run_dir / FILES[v], "cpu")
-    advance = progress("benchmark", len(variants) * len(config.batch_sizes)) if progress else None
-    rows = []
-    for variant in variants:
-        for bs in config.batch_sizes:
-            rows.append(_run_cell(variant, run_dir / FILES[variant], config, bs))
+    cells = [(v, bs) for v in variants for bs in config.batch_sizes]
+    advance = progress("benchmark", len(cells) * config.repeats) if progress else None
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in cells}
+    for repeat in range(config.repeats):  # interleaved: each repeat measures every cell, in alternating order,
+        for variant, bs in (cells if repeat % 2 == 0 else cells[::-1]):  # so drift reaches every cell alike
+            measured[variant, bs].append(_run_cell(variant, run_dir / FILES[variant], config, bs))
             if advance:
                 advance(1)
+    rows = [combine_repeats(measured[cell]) for cell in cells]
     export = _read_json(run_dir / EXPORT_REPORT)
     train = _read_json(run_dir / TRAIN_REPORT)
     per_variant = {}

@@ -73,10 +73,18 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"Machine: {m['cpu']} ({m['logical_cores']} logical cores, threads {m['threads'] or 'default'}); "
              f"ISA: {isa}; GPU: {m['gpu'] or 'none'}; versions: "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
-             "| variant | batch | p50 ms | p90 ms | p99 ms | images/s | runs |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | batch | p50 ms | p90 ms | p99 ms | images/s | runs | p50 of each repeat (ms) | spread |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in report["rows"]:
+        repeats = ", ".join(f"{x:.3f}" for x in r.get("repeats_p50_ms", [r["p50_ms"]]))
+        spread = f"{100 * r['p50_spread']:.0f} %" if "p50_spread" in r else "-"
         lines.append(f"| {r['variant']} | {r['batch_size']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-                     f"{r['p99_ms']:.3f} | {r['throughput']:,.0f} | {r['runs']} |")
+                     f"{r['p99_ms']:.3f} | {r['throughput']:,.0f} | {r['runs']} | {repeats} | "
+                     f"{spread}{' **unstable**' if r.get('unstable') else ''} |")
+    unstable = [r for r in report["rows"] if r.get("unstable")]
+    if unstable:
+        lines += ["", f"**Unstable cells** ({len(unstable)}): their repeats' p50 differ by more than 10 % of the median "
+                  "(a busy or throttling machine); compare them with care, or measure again with more --repeats."]
     lines += ["", "| variant | file | size | test accuracy | cold start ms | peak RSS MB | model RSS MB | GPU MB | nodes per provider |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for v, i in report["variants"].items():

@@ -322,6 +322,8 @@ def export_cli(
     calibration_size: int = typer.Option(QuantizationConfig.calibration_size, help="Training images to calibrate activation ranges on."),
     calibration_method: str = typer.Option(QuantizationConfig.method, help="minmax | entropy | percentile"),
     max_accuracy_drop: float = typer.Option(QuantizationConfig.max_accuracy_drop, help="Points of test accuracy INT8 may lose; worse layers stay float."),
+    min_agreement: float = typer.Option(QuantizationConfig.min_agreement, help="Percent of test images on which INT8 must give FP32's digit."),
+    search: bool = typer.Option(QuantizationConfig.search, help="Try every calibration (minmax, percentiles) and keep the best INT8 model, chosen on held-out training images, before keeping any layer in float."),
     scheme: str = typer.Option(QuantizationConfig.scheme, help="INT8 scheme: portable (uint8 activations, weights in [-64, 64]: same accuracy on every CPU) | vnni (8-bit weights: exact only on CPUs with VNNI/AMX/ARM dotprod) | s8s8 (int8 activations)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (float16 weights and compute, float32 in and out: the GPU variant), checked against FP32 on the test set."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -329,7 +331,8 @@ def export_cli(
     """Export the run to ONNX (parity-checked) and, with --quantize, to static INT8 (accuracy-guarded)."""
     _need_torch("export", "onnxscript")
     qconfig = QuantizationConfig(calibration_size=calibration_size, method=calibration_method,
-                                 max_accuracy_drop=max_accuracy_drop, scheme=scheme)
+                                 max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, search=search,
+                                 scheme=scheme)
     config = ExportConfig(opset=opset, quantize=quantize, quantization=qconfig if quantize else None, fp16=fp16)
     run_dir = _resolve_run(run)
     from .export import export_run
@@ -359,9 +362,27 @@ def _print_export(report: dict[str, Any], run_dir: Path) -> None:
         table.add_row("FP16", f"{100 * h['test_accuracy']:.2f} %", f"{100 * h['top1_agreement']:.2f} %",
                       f"{_size(h['bytes'])} ({100 * h['size_ratio']:.0f} %)", f"max |diff| {h['max_abs_diff']:.1e}")
     console.print(table)
+    if "int8" in report and report["int8"].get("candidates"):
+        _print_search(report["int8"])
     if "int8" in report and report["int8"]["float_nodes"]:
         console.print(f"accuracy guard kept {len(report['int8']['float_nodes'])} nodes in float", highlight=False)
     console.print(f"exported in {report['seconds']:.1f} s -> {run_dir / EXPORT_REPORT}", highlight=False)
+
+
+def _print_search(int8: dict[str, Any]) -> None:
+    """One line per candidate of the INT8 search, judged on the selection split (export.json has them all)."""
+    selection = int8.get("selection") or {}
+    table = Table(title=f"INT8 search on {selection.get('images', '?')} held-out training images", title_justify="left")
+    for col in ("calibration", "agreement", "acc. drop", "s", "test set"):
+        table.add_column(col, justify="right" if col in ("agreement", "acc. drop", "s") else "left", no_wrap=True)
+    for c in int8["candidates"]:
+        drop = c.get("selection_drop_points")
+        verdict = "" if "holds" not in c else ("holds the guard" if c["holds"] else "misses the guard")
+        table.add_row(c["calibration"] + (" + bias corr." if c.get("weights") == "bias correction" else ""),
+                      f"{100 * c['selection_agreement']:.2f} %",
+                      "-" if drop is None else f"{drop:+.2f} pt", f"{c['seconds']:.1f}",
+                      verdict + (", chosen" if c.get("chosen") else ""))
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -424,11 +445,12 @@ def bench_cli(
     run: Optional[Path] = typer.Option(None, help="Run folder (default: the run trained last)."),
     provider: str = typer.Option(BenchConfig.provider, help="ONNX Runtime execution provider: cpu, cuda, tensorrt or a full name."),
     batch_sizes: str = typer.Option(",".join(map(str, BenchConfig.batch_sizes)), help="Comma-separated batch sizes."),
-    duration: float = typer.Option(BenchConfig.duration, help="Timed seconds per cell (and at least --min-runs runs)."),
+    duration: float = typer.Option(BenchConfig.duration, help="Timed seconds per cell and repeat (and at least --min-runs runs)."),
+    repeats: int = typer.Option(BenchConfig.repeats, help="Interleaved sweeps over every cell; a low-precision variant is recommended only when its repeats beat FP32's without overlap."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and torch (default: the runtime's)."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip PyTorch (and never import it)."),
     fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="Measure model.fp16.onnx (default: on GPU providers only; ONNX Runtime's CPU kernels are slow in FP16)."),
-    min_runs: int = typer.Option(BenchConfig.min_runs, help="Timed runs per cell, whatever the duration."),
+    min_runs: int = typer.Option(BenchConfig.min_runs, help="Timed runs per cell and repeat, whatever the duration."),
     out: Optional[Path] = typer.Option(None, help="Folder for bench.json/.md/.png (default: the run folder)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -441,7 +463,7 @@ def bench_cli(
                           'pip install "resnet-edge[train]" adds it)', highlight=False, soft_wrap=True)
         no_torch = True
     config = BenchConfig(provider=provider, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), duration=duration,
-                         threads=threads, torch=not no_torch, min_runs=min_runs, fp16=fp16)
+                         threads=threads, torch=not no_torch, min_runs=min_runs, fp16=fp16, repeats=repeats)
     run_dir = _resolve_run(run)
     out_dir = out or run_dir
     ensure_writable_dir(out_dir)
@@ -456,7 +478,7 @@ def bench_cli(
 def _print_bench(report: dict[str, Any]) -> None:
     m = report["machine"]
     table = Table(title=f"{report['arch']} on {report['provider']}: {m['cpu']}" + (f" / {m['gpu']}" if m["gpu"] else ""))
-    for col in ("variant", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "vs FP32"):
+    for col in ("variant", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "vs FP32", "spread"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     speed = {(r["variant"], r["baseline"], r["batch_size"]): r["speedup_p50"] for r in report["ratios"]}
     for r in report["rows"]:
@@ -464,11 +486,16 @@ def _print_bench(report: dict[str, Any]) -> None:
         vs_fp32 = speed.get((r["variant"], "onnx-fp32", r["batch_size"]))
         table.add_row(r["variant"], str(r["batch_size"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
                       f"{r['throughput']:,.0f}", f"{vs_torch:.2f}x" if vs_torch else "",
-                      f"{vs_fp32:.2f}x" if vs_fp32 else "")
+                      f"{vs_fp32:.2f}x" if vs_fp32 else "",
+                      (f"{100 * r['p50_spread']:.0f} %" + (" !" if r.get("unstable") else "")) if "p50_spread" in r else "")
     console.print(table)
     for workload, r in (report.get("recommendation") or {}).items():
         console.print(f"recommended for {workload} (batch {r['batch_size']}) on this machine: {r['variant']} ({r['why']})",
                       highlight=False)
+    unstable = sum(bool(r.get("unstable")) for r in report["rows"])
+    if unstable:
+        console.print(f"note: {unstable} cells marked ! were unstable (their repeats' p50 spread over 10 %); see bench.md",
+                      style="yellow")
     for d in report["diagnoses"]:
         console.print(f"note: {d}", highlight=False, style="yellow")
 

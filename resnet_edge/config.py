@@ -116,6 +116,9 @@ class QuantizationConfig:
     scheme: str = "portable"  # portable | vnni | s8s8 (int8.SCHEMES)
     per_channel: bool = True  # one weight scale per output channel
     max_accuracy_drop: float = 0.1  # points of test accuracy INT8 may lose against FP32
+    min_agreement: float = 99.0  # percent of test images on which INT8's digit must be FP32's
+    search: bool = True  # try the other calibrations too, and keep the best quantized model, before any float fallback
+    selection_size: int = 2000  # training images (not the calibration's) the search chooses on
     calibration_batch_size: int = 64
     seed: int = 0
 
@@ -127,6 +130,10 @@ class QuantizationConfig:
         _at_least("--calibration-size", self.calibration_size, 1)
         scheme(self.scheme)  # validates the name
         _at_least("--max-accuracy-drop", self.max_accuracy_drop, 0)
+        _finite("--min-agreement", self.min_agreement)
+        if not 0 <= self.min_agreement <= 100:
+            raise UserError(f"--min-agreement is a percentage of test images, 0-100, got {self.min_agreement:g}")
+        _at_least("--selection-size", self.selection_size, 1)
 
     @property
     def activation_type(self) -> str:
@@ -169,8 +176,9 @@ class EvalConfig:
 class BenchConfig:
     provider: str = "cpu"  # cpu | cuda | any ONNX Runtime provider name
     batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
-    duration: float = 2.0  # timed seconds per cell
-    min_runs: int = 200  # timed runs per cell, whatever the duration
+    duration: float = 1.0  # timed seconds per cell and repeat
+    repeats: int = 3  # interleaved sweeps: each cell measured this many times, in alternating order
+    min_runs: int = 100  # timed runs per cell and repeat, whatever the duration
     warmup: int = 20  # untimed runs per cell (and at least 0.2 s)
     threads: int | None = None  # intra-op threads (ONNX Runtime and torch); None: the runtime's default
     torch: bool = True  # measure PyTorch eager too
@@ -188,6 +196,7 @@ class BenchConfig:
         if not self.duration > 0 or not math.isfinite(self.duration):
             raise UserError(f"--duration must be a positive number of seconds, got {self.duration}")
         _at_least("--min-runs", self.min_runs, 1)
+        _at_least("--repeats", self.repeats, 1)
         _at_least("--threads", self.threads, 1)
 
 

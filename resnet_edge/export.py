@@ -259,7 +259,7 @@ def _export_to(stage: Path, run_dir: Path, ckpt: dict[str, Any], *, opset: int, 
         _check_scheme_measurable(qconfig.scheme)
         int8_path = stage / INT8_MODEL
         q = quantize_model(fp32_path, int8_path, dataset.train_images, test_pixels, test_labels,
-                           qconfig, progress=progress, metadata=meta)
+                           qconfig, progress=progress, metadata=meta, train_labels=dataset.train_labels)
         report["fp32"].update(test_accuracy=q.fp32_accuracy, images_per_second=q.fp32_images_per_second)
         report["int8"] = {
             "path": str(run_dir / INT8_MODEL), "bytes": int8_path.stat().st_size,

@@ -192,11 +192,17 @@ def _recommend_cell(cells: dict[str, dict[str, Any]], eligible: dict[str, str | 
         label = v.removeprefix("onnx-").upper()
         speedup = fp32["p50_ms"] / cell["p50_ms"]
         entry[f"{v.removeprefix('onnx-')}_vs_fp32"] = speedup
+        overlap = _ranges_overlap(cell, fp32)
         if eligible.get(v) is not None:
             why_not.append(f"{label} not eligible: {eligible[v]}")
         elif speedup < min_margin:
             why_not.append(f"{label} is {speedup:.2f}x FP32 at batch {bs} (p50), under the {min_margin:.2f}x "
                            "needed to be worth its accuracy risk")
+        elif overlap:
+            entry["decisive"] = False
+            why_not.append(f"no decisive difference: {label} is {speedup:.2f}x FP32 at batch {bs} (median p50), but "
+                           f"its {len(cell['repeats_p50_ms'])} repeats ({_range(cell)} ms) overlap FP32's "
+                           f"({_range(fp32)} ms)")
         elif speedup > best_speedup:
             best, best_speedup = v, speedup
     if best == "onnx-fp32":
@@ -205,6 +211,18 @@ def _recommend_cell(cells: dict[str, dict[str, Any]], eligible: dict[str, str | 
         label = best.removeprefix("onnx-").upper()
         entry.update(variant=best, why=f"{label} {best_speedup:.2f}x faster than FP32 at batch {bs} (p50)")
     return entry
+
+
+def _ranges_overlap(cell: dict[str, Any], fp32: dict[str, Any]) -> bool:
+    """Whether the repeats of a low-precision cell and of FP32 overlap (its slowest repeat not faster than
+    FP32's fastest): then noise could flip the order. Cells measured once (old reports) never overlap."""
+    low, base = cell.get("p50_range_ms"), fp32.get("p50_range_ms")
+    return bool(low and base and len(cell.get("repeats_p50_ms", [])) > 1 and low[1] >= base[0])
+
+
+def _range(cell: dict[str, Any]) -> str:
+    low, high = cell["p50_range_ms"]
+    return f"{low:.3g}-{high:.3g}"
 
 
 def choose_repository_model(repository: Path, name: str | None, provider: str = "cpu",

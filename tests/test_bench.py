@@ -67,3 +67,45 @@ def test_no_torch_bench_never_imports_torch(tmp_path, trained_run):
             "assert {x['variant'] for x in r['rows']} == {'onnx-fp32', 'onnx-int8'}; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ a recommendation noise cannot flip (issue 21)
+def _cell(variant, p50s, batch=64):
+    from resnet_edge.bench import combine_repeats
+
+    return combine_repeats([{"variant": variant, "batch_size": batch, "p50_ms": p, "p90_ms": p, "p99_ms": p,
+                             "runs": 10} for p in p50s])
+
+
+def test_repeats_are_combined_with_their_spread_and_unstable_cells_flagged():
+    row = _cell("onnx-int8", [10.0, 30.0, 11.0])
+    assert row["p50_ms"] == 11.0 and row["p50_range_ms"] == [10.0, 30.0] and row["runs"] == 30
+    assert row["unstable"] and abs(row["p50_spread"] - 20 / 11) < 1e-9
+    assert not _cell("onnx-fp32", [10.0, 10.5, 10.2])["unstable"]
+
+
+def test_overlapping_repeats_give_no_decisive_difference_and_keep_fp32():
+    """A run under load measured INT8 at 0.78-2.57x FP32 and recommended FP32 where a quiet run said INT8:
+    with repeats, INT8 is recommended only when its slowest repeat beats FP32's fastest."""
+    from resnet_edge.variants import recommend
+
+    eligible = {"onnx-fp32": None, "onnx-int8": None}
+    noisy = [_cell("onnx-fp32", [10.0, 12.0, 30.0]), _cell("onnx-int8", [6.0, 8.0, 11.0])]
+    rec = recommend(noisy, eligible)["throughput"]
+    assert rec["variant"] == "onnx-fp32" and rec["why"].startswith("no decisive difference") and not rec["decisive"]
+    clear = [_cell("onnx-fp32", [10.0, 10.4, 10.8]), _cell("onnx-int8", [6.0, 6.3, 6.9])]
+    rec = recommend(clear, eligible)["throughput"]
+    assert rec["variant"] == "onnx-int8" and "faster than FP32" in rec["why"]
+    once = [_cell("onnx-fp32", [10.0]), _cell("onnx-int8", [6.0])]  # one repeat: the margin alone decides
+    assert recommend(once, eligible)["throughput"]["variant"] == "onnx-int8"
+
+
+def test_bench_md_flags_unstable_cells():
+    from resnet_edge.bench_report import ratios, render_markdown
+
+    rows = [_cell("onnx-fp32", [10.0, 12.0, 30.0]), _cell("onnx-int8", [6.0, 6.1, 6.2])]
+    report = {"arch": "resnet8", "provider": "cpu", "rows": rows, "ratios": ratios(rows), "variants": {},
+              "machine": {"cpu": "Test CPU", "isa": {"avx2": True}, "logical_cores": 2, "threads": None, "gpu": None,
+                          "versions": {}}, "diagnoses": [], "recommendation": {}}
+    md = render_markdown(report)
+    assert "10.000, 12.000, 30.000" in md and "**unstable**" in md and "Unstable cells** (1)" in md

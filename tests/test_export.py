@@ -99,27 +99,28 @@ def test_accuracy_guard_fails_clearly_when_int8_cannot_hold(tmp_path, trained_ru
 
 
 def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monkeypatch):
-    """The first INT8 evaluation is made to miss the guard: the next round keeps the worst-quantized
-    tensors in float, is measured for real, and its model is the one written."""
+    """The fully quantized model is made to miss the guard on the test set: the next round keeps the
+    worst-quantized tensors in float, is measured for real, and its model is the one written."""
     import resnet_edge.quantize as q
     from resnet_edge.contract import to_pixels
     from resnet_edge.data import load_dataset
 
     run, _, _ = trained_run
     images, labels = load_test_split()
-    real, calls = q.evaluate_session, []
+    real, on_test = q.evaluate_session, []
 
-    def evaluate(session, *args, **kwargs):
-        result = real(session, *args, **kwargs)
-        calls.append(result.accuracy)
-        if len(calls) == 2:  # FP32 first, then the fully quantized model
-            result.accuracy -= 0.01
+    def evaluate(session, pixels, *args, **kwargs):
+        result = real(session, pixels, *args, **kwargs)
+        if len(pixels) == 2000:  # the test set (the selection split here is 384 images)
+            on_test.append(result.accuracy)
+            if len(on_test) == 2:  # FP32 first, then the fully quantized model
+                result.accuracy -= 0.01
         return result
 
     monkeypatch.setattr(q, "evaluate_session", evaluate)
     out = tmp_path / "model.int8.onnx"
     result = quantize_model(run / "model.onnx", out, to_pixels(load_dataset().train_images[:512]),
-                            images[:2000], labels[:2000], QuantizationConfig(calibration_size=128))
+                            images[:2000], labels[:2000], QuantizationConfig(calibration_size=128, search=False))
     assert [r["drop_points"] > 0.1 for r in result.guard_rounds] == [True, False]
     assert result.float_nodes and result.accuracy_drop_points <= 0.1
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -205,3 +206,76 @@ def test_eval_of_onnx_does_not_import_torch(trained_run):
             f"r = evaluate_file(__import__('pathlib').Path({str(run / 'model.onnx')!r})); "
             "assert r['accuracy'] > 0.9; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ INT8 that stays INT8 (issue 21)
+def test_each_calibration_method_sets_its_own_ranges(tmp_path, mnist):
+    """ONNX Runtime's entropy calibrator at its default 128 bins searched one threshold, the whole range:
+    --calibration-method entropy gave minmax's scales byte for byte. Each method must set other ranges."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from resnet_edge.quantize import Calibration, _batches, activation_ranges, calibration_images
+    from test_serve_hardening import linear_model
+
+    model = linear_model(tmp_path / "m.onnx")
+    calib = calibration_images(mnist.train_images, 256, 0)
+    calibrator = create_calibrator(str(model), None, augmented_model_path=str(tmp_path / "augmented.onnx"))
+    calibrator.collect_data(_batches(calib, 64))
+    data = calibrator.compute_data()
+    minmax = {k: (float(np.min(data[k].range_value[0])), float(np.max(data[k].range_value[1]))) for k in data}
+    found = {c.name: activation_ranges(model, calib, c, 64, tmp_path) for c in
+             (Calibration("entropy"), Calibration("percentile", 99.99), Calibration("percentile", 99.9))}
+    assert activation_ranges(model, calib, Calibration("minmax"), 64, tmp_path) is None  # quantize_static's own
+    for name, ranges in found.items():
+        assert ranges.keys() == minmax.keys()
+        assert ranges["logits"] != minmax["logits"], f"{name} gave minmax's range"
+        assert minmax["logits"][0] <= ranges["logits"][0] and ranges["logits"][1] <= minmax["logits"][1]
+    assert found["percentile 99.9"]["logits"] != found["percentile 99.99"]["logits"] != found["entropy"]["logits"]
+
+
+def test_search_keeps_a_quantized_candidate_before_any_float_fallback(tmp_path, trained_run, monkeypatch):
+    """minmax is made to miss the guard on the test set; the next candidate by the selection ranking that
+    holds is written, with no layer in float, and every candidate is logged."""
+    import resnet_edge.quantize as q
+    from resnet_edge.contract import to_pixels
+    from resnet_edge.data import load_dataset
+
+    run, _, export = trained_run
+    images, labels = load_test_split()
+    real = q._evaluate
+
+    def evaluate(path, split, progress=None):
+        result = real(path, split, progress)
+        if path.name.startswith("candidate-0") and len(split.pixels) == 1000:  # minmax (both roundings), on test
+            result.accuracy -= 0.01
+        return result
+
+    monkeypatch.setattr(q, "_evaluate", evaluate)
+    monkeypatch.setattr(q, "SEARCH", (q.Calibration("minmax"), q.Calibration("percentile", 99.99)))
+    train = load_dataset()
+    out = tmp_path / "model.int8.onnx"
+    result = quantize_model(run / "model.onnx", out, train.train_images[:3000], images[:1000], labels[:1000],
+                            QuantizationConfig(calibration_size=64, selection_size=500),
+                            train_labels=train.train_labels[:3000])
+    assert result.calibration == "percentile 99.99" and result.float_nodes == []
+    assert [c["calibration"] for c in result.candidates if c.get("chosen")] == ["percentile 99.99"]
+    verdicts = {(c["calibration"], c["weights"]): c.get("holds") for c in result.candidates}
+    assert set(verdicts) == {(m, w) for m in ("minmax", "percentile 99.99") for w in ("nearest", "bias correction")}
+    assert verdicts[result.calibration, result.weights] is True
+    assert all(v is not True for (m, _), v in verdicts.items() if m == "minmax")  # missed, or never reached
+    assert all(c["selection_agreement"] > 0.9 and c["seconds"] > 0 for c in result.candidates)
+    assert result.selection["images"] == 500 and result.selection["labels"]
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["quantization"])["calibration"] == "percentile 99.99"
+    # the real run's export.json logs its search too
+    assert sum(bool(c.get("chosen")) for c in export["int8"]["candidates"]) == 1
+
+
+def test_agreement_is_part_of_the_guard():
+    from resnet_edge.quantize import _holds
+
+    config = QuantizationConfig(max_accuracy_drop=0.1, min_agreement=99.0)
+    assert _holds({"drop_points": 0.0, "agreement": 0.991}, config)
+    assert not _holds({"drop_points": 0.0, "agreement": 0.989}, config)  # same accuracy, other digits
+    assert not _holds({"drop_points": 0.2, "agreement": 0.999}, config)
+    assert "--min-agreement is a percentage" in error_line(["export", "--quantize", "--min-agreement", "101"])
