@@ -68,7 +68,7 @@ def _throughput(fp32: Path, int8: Path, batch: int, slices: int, slice_s: float)
             "int8_vs_fp32_range": [float(min(per_slice)), float(max(per_slice))]}
 
 
-def run_case(case: str, arch: str, work: Path, slices: int, slice_s: float) -> dict[str, Any]:
+def run_case(case: str, arch: str, work: Path, slices: int, slice_s: float, train_limit: int | None = None) -> dict[str, Any]:
     data_dir = None
     if case != "mnist":
         data_dir = work / f"data-{case}"
@@ -77,6 +77,8 @@ def run_case(case: str, arch: str, work: Path, slices: int, slice_s: float) -> d
     run = work / f"{case}-{arch}"
     if not (run / "checkpoint.pt").exists():
         args = ["train", "--arch", arch, "--epochs", "1", "--run", str(run), "--quiet"]
+        if train_limit:
+            args += ["--train-limit", str(train_limit)]
         if data_dir is not None:
             args += ["--data-dir", str(data_dir)]
         proc = _cli(*args)
@@ -110,7 +112,7 @@ def run_case(case: str, arch: str, work: Path, slices: int, slice_s: float) -> d
               f"{row['float_nodes']} float nodes, {row['calibration']}, INT8/FP32 "
               f"{row['batch_1']['int8_vs_fp32']:.2f}x (b1) {row['batch_64']['int8_vs_fp32']:.2f}x (b64), "
               f"export {seconds:.0f} s"), flush=True)
-    return {"case": case, "arch": arch, "rows": rows}
+    return {"case": case, "arch": arch, "train_limit": train_limit, "rows": rows}
 
 
 def main() -> None:
@@ -118,12 +120,13 @@ def main() -> None:
     parser.add_argument("--cases", default="mnist,noisy,inverted,blobs")
     parser.add_argument("--archs", default="resnet8")
     parser.add_argument("--work", type=Path, default=Path("/tmp/int8-quality"))
+    parser.add_argument("--train-limit", type=int, default=None, help="train on the first N images only (for the larger archs on 2 cores)")
     parser.add_argument("--slices", type=int, default=10, help="alternating timing slices per model and batch size")
     parser.add_argument("--slice-seconds", type=float, default=0.3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = [run_case(case, arch, args.work, args.slices, args.slice_seconds)
+    results = [run_case(case, arch, args.work, args.slices, args.slice_seconds, args.train_limit)
                for arch in args.archs.split(",") for case in args.cases.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "cases": results,

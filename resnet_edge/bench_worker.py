@@ -117,7 +117,7 @@ def _onnx_call(model_path: Path, provider: str, x: np.ndarray, threads: int | No
     from .contract import INPUT_NAME, OUTPUT_NAME
     from .runtime import create_session
 
-    session = create_session(model_path, provider, threads=threads)
+    session = create_session(model_path, provider, threads=threads, probe=False)  # the first call is timed below
     if session.get_providers()[0] == "CPUExecutionProvider":
         feed = {INPUT_NAME: x}
         return (lambda: session.run([OUTPUT_NAME], feed)), None, session

@@ -362,7 +362,7 @@ def _print_export(report: dict[str, Any], run_dir: Path) -> None:
         table.add_row("FP16", f"{100 * h['test_accuracy']:.2f} %", f"{100 * h['top1_agreement']:.2f} %",
                       f"{_size(h['bytes'])} ({100 * h['size_ratio']:.0f} %)", f"max |diff| {h['max_abs_diff']:.1e}")
     console.print(table)
-    if "int8" in report and report["int8"].get("candidates"):
+    if "int8" in report and report["int8"].get("selection"):  # the search ran
         _print_search(report["int8"])
     if "int8" in report and report["int8"]["float_nodes"]:
         console.print(f"accuracy guard kept {len(report['int8']['float_nodes'])} nodes in float", highlight=False)
@@ -377,7 +377,7 @@ def _print_search(int8: dict[str, Any]) -> None:
         table.add_column(col, justify="right" if col in ("agreement", "acc. drop", "s") else "left", no_wrap=True)
     for c in int8["candidates"]:
         drop = c.get("selection_drop_points")
-        verdict = "" if "holds" not in c else ("holds the guard" if c["holds"] else "misses the guard")
+        verdict = "" if "holds" not in c else ("holds the guard" if c["holds"] else "misses: float fallback")
         table.add_row(c["calibration"] + (" + bias corr." if c.get("weights") == "bias correction" else ""),
                       f"{100 * c['selection_agreement']:.2f} %",
                       "-" if drop is None else f"{drop:+.2f} pt", f"{c['seconds']:.1f}",

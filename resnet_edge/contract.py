@@ -83,4 +83,5 @@ TRITON_CONFIG = "config.pbtxt"
 TRITON_MODEL_FILE = "model.onnx"  # what Triton's onnxruntime_onnx platform loads from <model>/<version>/
 LABELS_FILE = "labels.txt"
 KSERVE_FILE = "kserve.yaml"
+PACKAGE_MARKER = ".resnet-edge-package"  # `package` writes it into its folder: only such a folder is ever replaced
 ORT_DIR = "ort"

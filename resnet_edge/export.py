@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, FP16_MODEL, FP32_MODEL,
+from .contract import (BATCH_DIM, BENCH_JSON, BENCH_MD, BENCH_PNG, DEPLOY_DIR, EXPORT_REPORT, PACKAGE_MARKER, FP16_MODEL, FP32_MODEL,
                        INPUT_NAME, INPUT_SHAPE, INT8_MODEL, LABELS, NUM_CLASSES, OUTPUT_NAME)
 from .errors import UserError
 from .files import atomic_path, write_json
@@ -190,8 +190,13 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET, quantize: bool = Fa
         # a subset of one export, never files of two.
         stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_MODEL, FP16_MODEL, FP32_MODEL) if (run_dir / n).exists()]
         report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
-        if (run_dir / DEPLOY_DIR).is_dir():  # `package` copies of the old models
-            report["removed_stale"].append(DEPLOY_DIR)
+        deploy = run_dir / DEPLOY_DIR
+        if deploy.is_dir() and not deploy.is_symlink() and (deploy / PACKAGE_MARKER).is_file():
+            report["removed_stale"].append(DEPLOY_DIR)  # `package` copies of the old models, in a folder it wrote
+        elif deploy.exists() or deploy.is_symlink():  # not ours to delete: kept, and said
+            report["kept_stale"] = [f"{DEPLOY_DIR} (not written by `package`, or a link): its models are of an earlier export"]
+            log.warning("%s kept: not written by `resnet-edge package` (or a link); its models are of an earlier "
+                        "export: run `resnet-edge package` again", deploy)
         report["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(stage / EXPORT_REPORT, report)
         for name in stale:

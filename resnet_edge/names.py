@@ -10,7 +10,8 @@ by us. Where they enter (package, serve, a repository scan) they are checked her
   ``-`` (Triton's model names, a single path segment: no ``/``, ``..``, spaces, quotes, control or
   non-ASCII characters); anything else is refused with one line;
 - a **version** folder is a positive integer in ASCII digits with no leading zero (as Triton reads a
-  repository); other folders are not versions and are skipped;
+  repository); other folders are not versions and are skipped, except folders Python would read as
+  numbers that Triton would not ('²', '٣'), which are refused;
 - **labels** are exactly NUM_CLASSES names of at most 32 printable characters; others are dropped (the
   model still serves, its metadata without them).
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .contract import (DEPLOY_DIR, INPUT_NAME, INPUT_SHAPE, KSERVE_FILE, LABELS, LABELS_FILE, MODEL_FILES, NUM_CLASSES,
-                       ORT_DIR, OUTPUT_NAME, TRITON_CONFIG, TRITON_DIR, TRITON_MODEL_FILE)
+                       ORT_DIR, OUTPUT_NAME, PACKAGE_MARKER, TRITON_CONFIG, TRITON_DIR, TRITON_MODEL_FILE)
 from .config import PackageConfig
 from .errors import UserError
 from .files import write_bytes
@@ -36,7 +36,7 @@ from .names import check_name
 log = logging.getLogger(__name__)
 
 REPOSITORY_MODEL = TRITON_MODEL_FILE
-PACKAGE_MARKER = ".resnet-edge-package"  # written into every --out folder: only such a folder is ever replaced
+PACKAGE_ENTRIES = {PACKAGE_MARKER, TRITON_DIR, KSERVE_FILE, ORT_DIR}  # all that a package folder holds
 ORT_PARITY_ATOL = 1e-5
 
 
@@ -107,23 +107,37 @@ def _dns_label(name: str) -> str:
     return label if label and label[0].isalpha() else f"m-{label}"[:63]
 
 
-def _out_dir(run_dir: Path, out_dir: Path) -> tuple[Path, bool]:
+def _out_dir(run_dir: Path, out_dir: Path, names: list[str]) -> tuple[Path, bool]:
     """The folder ``package`` writes (a symbolic link is followed to its folder), and whether an earlier
-    package is there to replace. ``package`` replaces only what it wrote: a folder that holds its marker
-    file (PACKAGE_MARKER), or an empty one; it refuses any other folder, and never deletes into one."""
-    from .files import ensure_writable_dir
+    package is there to replace. ``package`` replaces only what it wrote: a folder that holds nothing but
+    a package (its marker file, triton/, kserve.yaml, ort/) whose triton/ holds only models it names, or
+    an earlier package of this run from before the marker (triton/ holding only ``names``); an empty
+    folder is used as it is. Anything else is refused, and nothing is ever deleted from it."""
+    from .files import ensure_writable_dir, read_report
 
     out, run = out_dir.resolve(), run_dir.resolve()
     if out == run or out in run.parents:
         raise UserError(f"--out {out_dir}: it holds the run itself; give a folder of its own (default: <run>/{DEPLOY_DIR})")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out_dir}: a file is there, not a folder")
-    ours = out.is_dir() and (out / PACKAGE_MARKER).is_file() and not (out / PACKAGE_MARKER).is_symlink()
-    if out.is_dir() and not ours and any(out.iterdir()):
-        raise UserError(f"--out {out_dir}: the folder holds files that `resnet-edge package` did not write (it has no "
-                        f"{PACKAGE_MARKER}); give an empty or new folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        ensure_writable_dir(out.parent)
+        return out, False
+    marker = out / PACKAGE_MARKER
+    ours = marker.is_file() and not marker.is_symlink()
+    written = read_report(marker) if ours else None
+    known = set(names) | set(written.get("models", []) if isinstance(written, dict) and
+                               isinstance(written.get("models"), list) else [])
+    entries = {p.name for p in out.iterdir()}
+    triton = out / TRITON_DIR
+    models = {p.name for p in triton.iterdir()} if triton.is_dir() and not triton.is_symlink() else set()
+    if not (entries <= PACKAGE_ENTRIES and models <= known and (TRITON_DIR not in entries or triton.is_dir())):
+        what = ("files that `resnet-edge package` did not write" if not ours else
+                "files besides the package it wrote (" + ", ".join(sorted((entries - PACKAGE_ENTRIES) | (models - known))[:5]) + ")")
+        raise UserError(f"--out {out_dir}: the folder holds {what}; give an empty or new folder "
+                        f"(a package is replaced only when the folder holds nothing else)")
     ensure_writable_dir(out.parent)
-    return out, ours
+    return out, True
 
 
 def _ort_parity(onnx_path: Path, ort_path: Path, x: np.ndarray) -> float:
@@ -178,7 +192,6 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
         raise UserError(f"{run_dir}: no model to package (run `resnet-edge export --quantize` first)")
     check_same_checkpoint(run_dir)
     shown_out = out_dir
-    out_dir, replace = _out_dir(run_dir, out_dir)
     props = {p.key: p.value for p in check_model_file(next(iter(models.values()))).metadata_props}
     arch = props.get("architecture") or run_dir.resolve().name
     where = "the model's 'architecture' metadata" if props.get("architecture") else "the run folder's name"
@@ -186,6 +199,7 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
     names = [arch if variant == "fp32" else f"{arch}_{variant}" for variant in models]
     for name in names:
         check_name(name, f"the Triton model name made from {where}")
+    out_dir, replace = _out_dir(run_dir, out_dir, names)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
         stage = Path(tmp) / "deploy"
         stage.mkdir()
@@ -202,10 +216,13 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
         parity = _convert_to_ort(models, Path(tmp)) if config.ort else {}
         if config.ort:
             shutil.move(str(Path(tmp) / "ort"), str(stage / ORT_DIR))
-        if replace:  # an earlier package (its marker checked above): replaced whole
-            shutil.rmtree(out_dir)
-        elif out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); fails rather than delete anything that appeared since
+        try:
+            if replace:  # an earlier package, nothing else (checked above): replaced whole
+                shutil.rmtree(out_dir)
+            elif out_dir.exists():
+                out_dir.rmdir()  # empty (checked above); fails rather than delete anything that appeared since
+        except OSError as exc:
+            raise UserError(f"--out {shown_out}: cannot replace it ({exc.strerror or exc}); nothing was written") from None
         stage.rename(out_dir)
     return {"repository": str(shown_out / TRITON_DIR), "models": names, "ort_parity_max_abs_diff": parity,
             "kserve": str(shown_out / KSERVE_FILE)}

@@ -209,7 +209,8 @@ def bias_correction(pre_path: Path, qdq_path: Path, images: np.ndarray, out_path
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[1] in inits
                 and node.input[2] in inits and f"{node.input[1]}_quantized" in quantized and attrs.get("group", 1) == 1
-                and not attrs.get("transA", 0) and node.input[0] not in inits):
+                and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+                and node.input[0] not in inits):
             layers.append((node, attrs))
     if not layers:
         return 0
@@ -316,13 +317,20 @@ def _holds(judged: dict[str, float | None], config: QuantizationConfig) -> bool:
     return drop_ok and 100 * judged["agreement"] >= config.min_agreement - 1e-9  # type: ignore[operator]
 
 
+MIN_SELECTION = 100  # held-out training images the search needs at least
+
+
 def selection_split(train_images: np.ndarray, train_labels: np.ndarray | None, config: QuantizationConfig
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """Training images the calibration did not see (seeded), on which the search chooses: choosing on test
     images would make the reported test accuracy a selected figure."""
     n = len(train_images)
     calib = set(np.random.default_rng(config.seed).choice(n, size=min(config.calibration_size, n), replace=False).tolist())
-    rest = np.array([i for i in range(n) if i not in calib]) if len(calib) < n else np.arange(n)
+    rest = np.array([i for i in range(n) if i not in calib], dtype=np.int64)
+    if len(rest) < MIN_SELECTION:
+        raise UserError(f"--calibration-size {config.calibration_size} leaves {len(rest)} of the {n} training images for the "
+                        f"search to choose on (it needs {MIN_SELECTION} the calibration did not see); give a smaller "
+                        "--calibration-size, or --no-search")
     rng = np.random.default_rng(config.seed + 2)
     picked = np.sort(rng.choice(rest, size=min(config.selection_size, len(rest)), replace=False))
     images = train_images[picked]
@@ -335,7 +343,7 @@ def _evaluate(path: Path, split: _Split, progress: Callable[[int], None] | None 
     return evaluate_session(create_session(path, "cpu"), split.pixels, labels, progress=progress)
 
 
-def _search(pre: Path, work: Path, calib: np.ndarray, select: _Split, config: QuantizationConfig,
+def _search(pre: Path, work: Path, calib: np.ndarray, select: _Split | None, config: QuantizationConfig,
             bar: Callable[[str, int], Callable[[int], None] | None]) -> list[dict[str, Any]]:
     """Quantize with every candidate calibration (no float layers), each with its weights rounded to nearest
     and (with the search on) bias-corrected, and judge each on the selection split; the log, best first
@@ -353,60 +361,60 @@ def _search(pre: Path, work: Path, calib: np.ndarray, select: _Split, config: Qu
                 _quantize(corrected, corrected_path, calib, config, [], None, ranges)
                 weights.append(("bias correction", corrected, corrected_path))
         for method, model_pre, model in weights:
-            judged = select.judge(_evaluate(model, select, bar("select", len(select.pixels))))
+            judged = (select.judge(_evaluate(model, select, bar("select", len(select.pixels)))) if select is not None
+                      else {"accuracy": None, "drop_points": None, "agreement": None})
             tried.append({"calibration": calibration.name, "weights": method, "float_nodes": 0,
                           **{f"selection_{k}": v for k, v in judged.items()}, "seconds": time.perf_counter() - t0,
                           "_model": model, "_pre": model_pre, "_ranges": ranges, "_calibration": calibration})
-            log.info("candidate %s, %s: agreement %.4f, drop %s", calibration.name, method, judged["agreement"],
+            log.info("candidate %s, %s: agreement %s, drop %s", calibration.name, method, judged["agreement"],
                      judged["drop_points"])
-    return sorted(tried, key=lambda r: (-r["selection_agreement"], -(r["selection_accuracy"] or 0.0)))
+    return sorted(tried, key=lambda r: (-(r["selection_agreement"] or 0.0), -(r["selection_accuracy"] or 0.0)))
 
 
-def _guarded(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray, select: _Split, test: _Split,
+def _guarded(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray, select: _Split | None, test: _Split,
              config: QuantizationConfig, bar: Callable[[str, int], Callable[[int], None] | None]
              ) -> tuple[_Round, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """The search for the best quantized model, then, only if none holds the guard, float fallback: the
-    worst-quantized tensors (1, 2, 4, ... of them, by sensitivity_ranking) kept in float.
+    """The search for the best quantized model, then, only if it does not hold the guard, float fallback:
+    the worst-quantized tensors (1, 2, 4, ... of them, by sensitivity_ranking) kept in float.
 
-    The candidates are ranked on the selection split (held-out training images); in that order each is
-    checked against the guard on the test set, the promise `export` makes, and the first that holds is
-    kept. Fallback starts from the best-ranked candidate's ranges, and its rounds are checked on the test
-    set too (as the guard always was)."""
+    The candidates are ranked on the selection split (held-out training images): the best whose agreement
+    there reaches --min-agreement (else the best) is the search's model, and it alone is checked against
+    the guard on the test set, the promise `export` makes: nothing is chosen among candidates by test
+    images. Fallback starts from it, its rounds checked on the test set as the guard always was."""
     import onnx
 
     graph_nodes = len(onnx.load(str(pre)).graph.node)
     tried = _search(pre, work, calib, select, config, bar)
+    eligible = [r for r in tried if r["selection_agreement"] is None
+                or 100 * r["selection_agreement"] >= config.min_agreement - 1e-9]
+    best = (eligible or tried)[0]
+    calibration, ranges, best_pre, path = best["_calibration"], best["_ranges"], best["_pre"], best["_model"]
     checked: list[dict[str, Any]] = []
-    for row in tried:
-        int8 = _evaluate(row["_model"], test, bar(f"test {row['calibration']}", len(test.pixels)))
+    exclude: list[str] = []
+    keep_float, ranking = 0, None
+    while True:
+        int8 = _evaluate(path, test, bar("evaluate INT8", len(test.pixels)))
         on_test = test.judge(int8)
-        row.update(test_accuracy=int8.accuracy, test_drop_points=on_test["drop_points"],
-                   test_agreement=on_test["agreement"], holds=_holds(on_test, config))
-        checked.append({"calibration": row["calibration"], "weights": row["weights"], "float_nodes": [],
+        holds = _holds(on_test, config)
+        checked.append({"calibration": calibration.name, "weights": best["weights"], "float_nodes": list(exclude),
                         "int8_accuracy": int8.accuracy, "drop_points": on_test["drop_points"],
-                        "agreement": on_test["agreement"]})
-        if row["holds"]:
-            row["chosen"] = True
-            return _Round(row["_model"], int8, []), checked, _public(tried), row
-    best = tried[0]
-    calibration, ranges, best_pre = best["_calibration"], best["_ranges"], best["_pre"]
-    ranking = sensitivity_ranking(best_pre, best["_model"], calibration_images(train_images, 128, config.seed + 1))
-    keep_float, exclude = 1, []
-    while keep_float < len(ranking):
+                        "agreement": on_test["agreement"], "holds": holds})
+        if not exclude:
+            best.update(test_accuracy=int8.accuracy, test_drop_points=on_test["drop_points"],
+                        test_agreement=on_test["agreement"], holds=holds)
+        log.info("INT8 with %d nodes in float: accuracy %.4f, agreement %.4f", len(exclude), int8.accuracy,
+                 on_test["agreement"])
+        if holds:
+            best["chosen"] = True
+            return _Round(path, int8, exclude), checked, _public(tried), best
+        if ranking is None:
+            ranking = sensitivity_ranking(best_pre, path, calibration_images(train_images, 128, config.seed + 1))
+        keep_float = max(1, 2 * keep_float)
+        if keep_float >= len(ranking):  # every quantized tensor in float: no INT8 model worth the name
+            break
         exclude = _nodes_touching(best_pre, [name for name, _ in ranking[:keep_float]])
         path = work / f"int8-float-{keep_float}.onnx"
         _quantize(best_pre, path, calib, config, exclude, bar("calibrate", len(calib)), ranges)
-        int8 = _evaluate(path, test, bar("evaluate INT8", len(test.pixels)))
-        on_test = test.judge(int8)
-        checked.append({"calibration": calibration.name, "weights": best["weights"], "float_nodes": list(exclude),
-                        "int8_accuracy": int8.accuracy, "drop_points": on_test["drop_points"],
-                        "agreement": on_test["agreement"]})
-        log.info("INT8 with %d nodes in float: accuracy %.4f, agreement %.4f", len(exclude), int8.accuracy,
-                 on_test["agreement"])
-        if _holds(on_test, config):
-            best["chosen"] = True
-            return _Round(path, int8, exclude), checked, _public(tried), best
-        keep_float *= 2
     closest = max(checked, key=lambda r: r["agreement"])
     raise AccuracyGuardError(
         f"INT8 loses {closest['drop_points']:.2f} points of test accuracy ({100 * test.fp32.accuracy:.2f} % -> "
@@ -441,13 +449,15 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         return progress(description, total) if progress else None
 
     calib = calibration_images(train_images, config.calibration_size, config.seed)
-    select_pixels, select_labels = selection_split(train_images, train_labels, config)
     fp32_session = create_session(fp32_path, "cpu")
     fp32 = evaluate_session(fp32_session, test_pixels, test_labels, progress=bar("evaluate FP32", len(test_pixels)))
-    fp32_select = evaluate_session(fp32_session, select_pixels, select_labels if select_labels is not None
-                                   else np.zeros(len(select_pixels), np.int64))
-    select = _Split(select_pixels, select_labels, fp32_select)
     test = _Split(test_pixels, test_labels, fp32)
+    select = None
+    if config.search:  # one candidate needs no choosing
+        select_pixels, select_labels = selection_split(train_images, train_labels, config)
+        fp32_select = evaluate_session(fp32_session, select_pixels, select_labels if select_labels is not None
+                                       else np.zeros(len(select_pixels), np.int64))
+        select = _Split(select_pixels, select_labels, fp32_select)
     scheme = int8_scheme(config.scheme).metadata(config.per_channel)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
         work = Path(tmp)
@@ -457,7 +467,9 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         passed, rounds, tried, chosen = _guarded(pre, work, calib, train_images, select, test, config, bar)
         model = onnx.load(str(passed.model))
         props = dict(metadata or {})
-        props["quantization"] = json.dumps({**asdict(config), "format": "QDQ", "weight_type": "int8",
+        settings = asdict(config)
+        settings["requested_method"] = settings.pop("method")  # what was asked; "calibration": what was chosen
+        props["quantization"] = json.dumps({**settings, "format": "QDQ", "weight_type": "int8",
                                             "calibration": chosen["calibration"], "weights": chosen["weights"],
                                             "float_nodes": passed.float_nodes})
         props["int8_scheme"] = json.dumps(scheme)
@@ -474,6 +486,8 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         guard_rounds=rounds, calibration_images=len(calib), scheme=scheme,
         max_abs_weight=audit.max_abs_weight if audit else None, saturation_free=audit.saturation_free if audit else None,
         calibration=chosen["calibration"], weights=chosen["weights"], candidates=tried,
-        selection={"images": len(select_pixels), "labels": select_labels is not None,
-                   "from": "training images the calibration did not see (seeded)", "fp32_accuracy":
-                   fp32_select.accuracy if select_labels is not None else None})
+        selection={} if select is None else {
+            "images": len(select.pixels), "labels": select.labels is not None,
+            "from": "training images the calibration did not see (seeded)",
+            "fp32_accuracy": select.fp32.accuracy if select.labels is not None else None,
+            "checked_on_test": "only the best candidate on this split; then float fallback rounds"})

@@ -417,7 +417,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
             config.model_name = check_name(Path(config.model_path).name.split(".")[0],
                                            f"{config.model_path}: the file name (give --model-name)")
     else:  # one path segment in every URL, as Triton's model names; a file or the user may have named it
-        check_name(config.model_name, "--model-name" if config.model_path is None else "the served model name")
+        check_name(config.model_name, "--model-name")
     state = ServerState(config, model_metadata(config.model_name, meta))
     io_binding = config.provider.lower() not in ("cpu", "cpuexecutionprovider")
 

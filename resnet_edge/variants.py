@@ -187,7 +187,7 @@ def _recommend_cell(cells: dict[str, dict[str, Any]], eligible: dict[str, str | 
         fine = [v for v in low if eligible.get(v) is None]
         return {"variant": fine[0], "why": "the only ONNX variant measured"} if len(low) == 1 and fine else None
     entry: dict[str, Any] = {}
-    best, best_speedup, why_not = "onnx-fp32", 1.0, []
+    best, best_speedup, why_not, overlapped = "onnx-fp32", 1.0, [], False
     for v, cell in sorted(low.items()):
         label = v.removeprefix("onnx-").upper()
         speedup = fp32["p50_ms"] / cell["p50_ms"]
@@ -199,7 +199,7 @@ def _recommend_cell(cells: dict[str, dict[str, Any]], eligible: dict[str, str | 
             why_not.append(f"{label} is {speedup:.2f}x FP32 at batch {bs} (p50), under the {min_margin:.2f}x "
                            "needed to be worth its accuracy risk")
         elif overlap:
-            entry["decisive"] = False
+            overlapped = True
             why_not.append(f"no decisive difference: {label} is {speedup:.2f}x FP32 at batch {bs} (median p50), but "
                            f"its {len(cell['repeats_p50_ms'])} repeats ({_range(cell)} ms) overlap FP32's "
                            f"({_range(fp32)} ms)")
@@ -207,6 +207,7 @@ def _recommend_cell(cells: dict[str, dict[str, Any]], eligible: dict[str, str | 
             best, best_speedup = v, speedup
     if best == "onnx-fp32":
         entry.update(variant=best, why="; ".join(why_not) or "the only ONNX variant measured")
+        entry["decisive"] = not overlapped  # False: a faster variant's repeats overlapped FP32's
     else:
         label = best.removeprefix("onnx-").upper()
         entry.update(variant=best, why=f"{label} {best_speedup:.2f}x faster than FP32 at batch {bs} (p50)")
@@ -262,7 +263,8 @@ def repository_models(repository: Path) -> dict[str, Path]:
         folders = [v for v in model_dir.iterdir() if v.is_dir()]
         for v in folders:  # Python reads '²' or '٣' as digits, Triton does not: refused, not guessed at
             if v.name.isnumeric() and not v.name.isascii():
-                raise UserError(f"{model_dir}: the version folder {shown(v.name)} is not a version number in ASCII digits")
+                raise UserError(f"{printable(repository)}: model {shown(model_dir.name)}: the version folder "
+                                f"{shown(v.name)} is not a version number in ASCII digits")
         # versions as Triton reads them: ASCII digits without a leading zero; other folders are not versions
         versions = sorted((v for v in folders if is_version(v.name) and (v / TRITON_MODEL_FILE).exists()),
                           key=lambda v: int(v.name))

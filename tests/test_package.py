@@ -3,6 +3,7 @@ ORT-format models with parity, and `serve --repository` answering like `serve --
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import httpx
@@ -239,3 +240,39 @@ def test_package_out_never_deletes_a_repository_it_did_not_write(deploy, tmp_pat
         assert result.exit_code == 0, result.output
         assert (tmp_path / "link_out").is_symlink()
         assert sorted(p.name for p in (tmp_path / "real_out").iterdir()) == [".resnet-edge-package", "kserve.yaml", "triton"]
+
+
+def test_a_package_folder_with_anything_else_in_it_is_not_replaced(deploy, tmp_path):
+    """A marked folder is replaced only while it holds nothing but the package: a model or a note added
+    since is never deleted with it (the marker alone would have let package delete them)."""
+    from helpers import error_line
+
+    run, _ = deploy
+    out = tmp_path / "deploy"
+    assert runner.invoke(app, ["package", "--run", str(run), "--out", str(out), "--no-ort"]).exit_code == 0
+    (out / "triton" / "someone_elses_model" / "1").mkdir(parents=True)
+    assert "someone_elses_model" in error_line(["package", "--run", run, "--out", out, "--no-ort"])
+    shutil.rmtree(out / "triton" / "someone_elses_model")
+    (out / "notes.md").write_text("mine")
+    assert "notes.md" in error_line(["package", "--run", run, "--out", out, "--no-ort"])
+    assert (out / "notes.md").read_text() == "mine"
+    (out / "notes.md").unlink()
+    (out / ".resnet-edge-package").unlink()  # a package written before the marker: this run's models only
+    assert runner.invoke(app, ["package", "--run", str(run), "--out", str(out), "--no-ort"]).exit_code == 0
+
+
+def test_export_keeps_a_deploy_folder_it_did_not_write(trained_run, tmp_path):
+    """export removes <run>/deploy (copies of the old models) only when package wrote it; a link or a
+    folder of someone else's is kept, and said, never deleted (a link used to end in a traceback after
+    the old models were already gone)."""
+    run, _, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("deploy", "bench.*"))
+    target = tmp_path / "elsewhere"
+    (target / "triton").mkdir(parents=True)
+    (copy / "deploy").symlink_to(target)
+    result = runner.invoke(app, ["export", "--run", str(copy), "--quiet", "--no-search"])  # no --quantize: quick
+    assert result.exit_code == 0, result.output
+    report = json.loads((copy / "export.json").read_text())
+    assert (copy / "deploy").is_symlink() and (target / "triton").is_dir() and report["kept_stale"]
+    assert (copy / "model.onnx").exists()
