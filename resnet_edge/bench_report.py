@@ -7,6 +7,7 @@ from typing import Any
 
 from .contract import BENCH_JSON, BENCH_MD, BENCH_PNG
 from .machine import ISA_FLAGS
+from .runtime import is_cpu_provider
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -30,7 +31,7 @@ def diagnose(report: dict[str, Any]) -> list[str]:
     conv = (report["variants"].get("onnx-int8") or {}).get("float_convolutions") or {}
     for r in report["ratios"]:
         if r["variant"] == "onnx-int8" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
-            if provider not in ("cpu", "CPUExecutionProvider"):
+            if not is_cpu_provider(provider):
                 cause = (f"QDQ INT8 on {provider} without TensorRT: the quantized operators have no kernels there "
                          "and run on the CPU, with copies between devices")
             elif conv.get("float"):
@@ -47,7 +48,7 @@ def diagnose(report: dict[str, Any]) -> list[str]:
     for r in report["ratios"]:
         if r["variant"] == "onnx-fp16" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
             cause = ("ONNX Runtime's CPU provider has few tuned float16 kernels (its fast paths are float32 "
-                     "and int8); FP16 is the GPU variant" if provider in ("cpu", "CPUExecutionProvider") else
+                     "and int8); FP16 is the GPU variant" if is_cpu_provider(provider) else
                      "on this provider and batch size half precision did not pay; at small batches a GPU is often "
                      "bound by kernel launches, not arithmetic")
             notes.append(f"FP16 is {1 / r['speedup_p50']:.2f}x slower than FP32 at batch {r['batch_size']}: {cause}.")

@@ -156,7 +156,10 @@ def _torch_call(model_path: Path, provider: str, x: np.ndarray, threads: int | N
 
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device("cuda" if provider in ("cuda", "CUDAExecutionProvider", "tensorrt") else "cpu")
+    from .runtime import is_cuda_device_provider
+
+    # PyTorch runs where ONNX Runtime runs: on the GPU for CUDA and TensorRT however spelled ("CUDA" too)
+    device = torch.device("cuda" if is_cuda_device_provider(provider) else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--provider cuda: PyTorch sees no CUDA GPU for the torch variant (use --no-torch)")
     model = model_from_checkpoint(load_checkpoint(model_path), model_path).to(device)

@@ -595,7 +595,9 @@ def serve_cli(
                           max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
                           max_pending_bytes=max_pending_bytes, max_connections=max_connections,
                           client_timeout=client_timeout, host=host, port=port, grpc_port=grpc_port)  # checked before any model is read
-    if provider.lower() != "cpu":
+    from .runtime import is_cpu_provider
+
+    if not is_cpu_provider(provider):
         from .runtime import check_provider_available
 
         check_provider_available(provider)  # a missing execution provider is one line, before any model is chosen

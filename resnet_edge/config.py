@@ -116,7 +116,9 @@ class QuantizationConfig:
     scheme: str = "portable"  # portable | vnni | s8s8 (int8.SCHEMES)
     per_channel: bool = True  # one weight scale per output channel
     max_accuracy_drop: float = 0.1  # points of test accuracy INT8 may lose against FP32
-    min_agreement: float = 99.0  # percent of test images on which INT8's digit must be FP32's
+    # percent of test images on which INT8's digit must be FP32's: every case of benchmarks/int8_quality.py
+    # reached 99.55-99.98 % with the search (MNIST and the three harder datasets, resnet8)
+    min_agreement: float = 99.5
     search: bool = True  # try the other calibrations too, and keep the best quantized model, before any float fallback
     selection_size: int = 2000  # training images (not the calibration's) the search chooses on
     calibration_batch_size: int = 64
@@ -188,7 +190,9 @@ class BenchConfig:
     def measures_fp16(self) -> bool:
         if self.fp16 is not None:
             return self.fp16
-        return self.provider.lower() not in ("cpu", "cpuexecutionprovider")
+        from .runtime import is_cpu_provider
+
+        return not is_cpu_provider(self.provider)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):

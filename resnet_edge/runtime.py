@@ -33,7 +33,19 @@ class ModelFileError(UserError):
 
 
 def provider_name(provider: str) -> str:
-    return PROVIDER_ALIASES.get(provider.lower(), provider)
+    """ONNX Runtime's name for a provider however it is spelled ("cpu", "CPU", "CPUExecutionProvider")."""
+    name = PROVIDER_ALIASES.get(provider.lower(), provider)
+    return next((full for full in PROVIDER_ALIASES.values() if full.lower() == name.lower()), name)
+
+
+def is_cpu_provider(provider: str) -> bool:
+    """The one test of "is this the CPU provider", for every spelling."""
+    return provider_name(provider) == "CPUExecutionProvider"
+
+
+def is_cuda_device_provider(provider: str) -> bool:
+    """Whether the provider runs on an NVIDIA GPU (CUDA or TensorRT), for every spelling."""
+    return provider_name(provider) in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def check_provider_available(provider: str) -> str:

@@ -39,7 +39,7 @@ from .config import ServerConfig
 from .contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME, digit_prediction
 from .errors import UserError
 from .names import check_labels, check_name, is_name
-from .runtime import create_session
+from .runtime import create_session, is_cpu_provider, is_cuda_device_provider
 from .serve_v2 import (HEADER_LENGTH, OUTPUTS, PROBABILITIES, Busy, InferRequest, RequestError, ascii_count,
                        check_json_size, encode_http_response, header_length, model_input, multipart_file,
                        parse_http_request)
@@ -419,7 +419,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> Any:
     else:  # one path segment in every URL, as Triton's model names; a file or the user may have named it
         check_name(config.model_name, "--model-name")
     state = ServerState(config, model_metadata(config.model_name, meta))
-    io_binding = config.provider.lower() not in ("cpu", "cpuexecutionprovider")
+    io_binding = not is_cpu_provider(config.provider)
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -541,7 +541,7 @@ def _memory_report(provider: str) -> dict[str, Any]:
     import psutil
 
     report: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
-    if provider.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider"):
+    if is_cuda_device_provider(provider):
         report["gpu_memory_bytes"] = None
         try:
             out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -771,6 +771,10 @@ class _OneWrite:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+UVICORN_TESTED = ((0, 29), (0, 55))  # the releases (major, minor) serve's use of uvicorn's internals was tested on
+UVICORN_INTERNALS = ("HttpToolsProtocol", "service_unavailable", "STATUS_LINE")  # of uvicorn.protocols.http.httptools_impl
 
 
 def _guarded_http(client_timeout: float) -> type:

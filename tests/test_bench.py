@@ -109,3 +109,40 @@ def test_bench_md_flags_unstable_cells():
                           "versions": {}}, "diagnoses": [], "recommendation": {}}
     md = render_markdown(report)
     assert "10.000, 12.000, 30.000" in md and "**unstable**" in md and "Unstable cells** (1)" in md
+
+
+# ------------------------------------------------------------------ one provider vocabulary (issue 22's two bugs)
+@pytest.mark.parametrize("spelling, cpu, cuda", [("cpu", True, False), ("CPU", True, False),
+                                                 ("CPUExecutionProvider", True, False), ("cuda", False, True),
+                                                 ("CUDA", False, True), ("CUDAExecutionProvider", False, True),
+                                                 ("TensorRT", False, True), ("openvino", False, False)])
+def test_every_spelling_of_a_provider_means_one_thing(spelling, cpu, cuda):
+    from resnet_edge.runtime import is_cpu_provider, is_cuda_device_provider
+
+    assert is_cpu_provider(spelling) is cpu and is_cuda_device_provider(spelling) is cuda
+
+
+def test_bench_torch_runs_on_the_gpu_for_cuda_however_spelled(tmp_path):
+    """`bench --provider CUDA` timed PyTorch on the CPU against ONNX Runtime on the GPU: the torch cell now
+    asks for the GPU (here, with none visible, it says so)."""
+    import numpy as np
+
+    from resnet_edge.bench_worker import _torch_call
+    from resnet_edge.errors import UserError
+
+    for spelling in ("CUDA", "TensorrtExecutionProvider"):
+        with pytest.raises(UserError, match="PyTorch sees no CUDA GPU"):
+            _torch_call(tmp_path / "checkpoint.pt", spelling, np.zeros((1, 1, 28, 28), np.float32), None)
+
+
+def test_int8_diagnosis_on_the_cpu_provider_however_spelled():
+    """`--provider CPU` was diagnosed as a GPU provider (QDQ without kernels there)."""
+    from resnet_edge.bench_report import diagnose, ratios
+
+    rows = [{"variant": v, "batch_size": 64, "p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "throughput": 1.0, "runs": 1}
+            for v, ms in (("onnx-fp32", 10.0), ("onnx-int8", 12.0))]
+    report = {"provider": "CPU", "rows": rows, "ratios": ratios(rows),
+              "variants": {"onnx-int8": {"float_convolutions": {"int8": 9, "float": 0}}},
+              "machine": {"isa": {"avx2": True}, "int8_dot_product": False}}
+    notes = diagnose(report)
+    assert any("no int8 dot-product instructions" in n for n in notes) and not any("without TensorRT" in n for n in notes)

@@ -120,7 +120,7 @@ def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monk
     monkeypatch.setattr(q, "evaluate_session", evaluate)
     out = tmp_path / "model.int8.onnx"
     result = quantize_model(run / "model.onnx", out, to_pixels(load_dataset().train_images[:512]),
-                            images[:2000], labels[:2000], QuantizationConfig(calibration_size=128, search=False))
+                            images[:2000], labels[:2000], QuantizationConfig(calibration_size=128, search=False, min_agreement=99.0))
     assert [r["drop_points"] > 0.1 for r in result.guard_rounds] == [True, False]
     assert result.float_nodes and result.accuracy_drop_points <= 0.1
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -256,7 +256,7 @@ def test_search_keeps_a_quantized_candidate_before_any_float_fallback(tmp_path, 
     train = load_dataset()
     out = tmp_path / "model.int8.onnx"
     result = quantize_model(run / "model.onnx", out, train.train_images[:3000], images[:1000], labels[:1000],
-                            QuantizationConfig(calibration_size=64, selection_size=500),
+                            QuantizationConfig(calibration_size=64, selection_size=500, min_agreement=98.0),
                             train_labels=train.train_labels[:3000])
     assert result.calibration == "percentile 99.99" and result.float_nodes == []
     assert [c["calibration"] for c in result.candidates if c.get("chosen")] == ["percentile 99.99"]

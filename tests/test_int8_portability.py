@@ -66,7 +66,7 @@ def vnni_model(tmp_path_factory, trained_run):
     folder = tmp_path_factory.mktemp("vnni")
     images, labels = load_test_split()
     quantize_model(run / "model.onnx", folder / "model.int8.onnx", load_dataset().train_images, images[:500],
-                   labels[:500], QuantizationConfig(scheme="vnni", calibration_size=128, max_accuracy_drop=100))
+                   labels[:500], QuantizationConfig(scheme="vnni", calibration_size=128, max_accuracy_drop=100, min_agreement=0))
     return folder / "model.int8.onnx"
 
 

@@ -91,3 +91,24 @@ def test_contract_literals_live_in_the_contract_module_only():
                     and node.value in CONTRACT_LITERALS):
                 offenders.append(f"{path.name}:{node.lineno} {node.value!r}")
     assert not offenders, offenders
+
+
+def test_uvicorn_is_a_release_serve_was_tested_with():
+    """serve subclasses uvicorn's httptools protocol and reads private fields (cycle, server_state): a
+    release outside pyproject's range may break it silently, so this says which and why."""
+    import importlib.metadata
+
+    from uvicorn.protocols.http import httptools_impl
+
+    from resnet_edge.serve import UVICORN_INTERNALS, UVICORN_TESTED
+
+    version = importlib.metadata.version("uvicorn")
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    low, high = UVICORN_TESTED
+    assert low <= major_minor <= high, (f"uvicorn {version} is outside the releases serve was tested with "
+                                        f"({low} to {high}); check serve._guarded_http before widening the range")
+    missing = [name for name in UVICORN_INTERNALS if not hasattr(httptools_impl, name)]
+    assert not missing, f"uvicorn {version} no longer has {missing}, which serve._guarded_http uses"
+    proto = httptools_impl.HttpToolsProtocol
+    assert all(hasattr(proto, m) for m in ("connection_made", "data_received", "on_headers_complete",
+                                            "on_message_complete", "on_response_complete", "send_400_response"))
