@@ -372,13 +372,17 @@ def _print_export(report: dict[str, Any], run_dir: Path) -> None:
 def _print_search(int8: dict[str, Any]) -> None:
     """One line per candidate of the INT8 search, judged on the selection split (export.json has them all)."""
     selection = int8.get("selection") or {}
-    table = Table(title=f"INT8 search on {selection.get('images', '?')} held-out training images", title_justify="left")
-    for col in ("calibration", "agreement", "acc. drop", "s", "test set"):
-        table.add_column(col, justify="right" if col in ("agreement", "acc. drop", "s") else "left", no_wrap=True)
+    from rich import box
+
+    table = Table(title=f"INT8 search on {selection.get('images', '?')} held-out training images (export.json: all)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("calibration", "weights", "agreement", "drop", "s", "on test"):
+        table.add_column(col, justify="right" if col in ("agreement", "drop", "s") else "left", no_wrap=col != "calibration")
     for c in int8["candidates"]:
         drop = c.get("selection_drop_points")
-        verdict = "" if "holds" not in c else ("holds the guard" if c["holds"] else "misses: float fallback")
-        table.add_row(c["calibration"] + (" + bias corr." if c.get("weights") == "bias correction" else ""),
+        verdict = "" if "holds" not in c else ("holds" if c["holds"] else "misses")
+        table.add_row(c["calibration"].replace("percentile ", "p").replace(" sensitive tensors", " tensors"),
+                      "bias corr." if c.get("weights") == "bias correction" else "nearest",
                       f"{100 * c['selection_agreement']:.2f} %",
                       "-" if drop is None else f"{drop:+.2f} pt", f"{c['seconds']:.1f}",
                       verdict + (", chosen" if c.get("chosen") else ""))
