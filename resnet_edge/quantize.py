@@ -321,9 +321,10 @@ MIN_SELECTION = 100  # held-out training images the search needs at least
 
 
 def selection_split(train_images: np.ndarray, train_labels: np.ndarray | None, config: QuantizationConfig
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Training images the calibration did not see (seeded), on which the search chooses: choosing on test
-    images would make the reported test accuracy a selected figure."""
+    images would make the reported test accuracy a selected figure. Also --calibration-size more training
+    images outside both, for the search's larger-calibration candidate (fewer when the set is small)."""
     n = len(train_images)
     calib = set(np.random.default_rng(config.seed).choice(n, size=min(config.calibration_size, n), replace=False).tolist())
     rest = np.array([i for i in range(n) if i not in calib], dtype=np.int64)
@@ -333,9 +334,13 @@ def selection_split(train_images: np.ndarray, train_labels: np.ndarray | None, c
                         "--calibration-size, or --no-search")
     rng = np.random.default_rng(config.seed + 2)
     picked = np.sort(rng.choice(rest, size=min(config.selection_size, len(rest)), replace=False))
-    images = train_images[picked]
+    unused = np.setdiff1d(rest, picked)
+    more = np.sort(np.random.default_rng(config.seed + 4).choice(unused, size=min(config.calibration_size, len(unused)),
+                                                                 replace=False)) if len(unused) else unused
+    images, extra = train_images[picked], train_images[more]
     pixels = np.ascontiguousarray(to_pixels(images) if images.dtype == np.uint8 else images)
-    return pixels, None if train_labels is None else np.asarray(train_labels)[picked].astype(np.int64)
+    extra = np.ascontiguousarray(to_pixels(extra) if extra.dtype == np.uint8 else extra)
+    return pixels, None if train_labels is None else np.asarray(train_labels)[picked].astype(np.int64), extra
 
 
 def _evaluate(path: Path, split: _Split, progress: Callable[[int], None] | None = None) -> EvalResult:
@@ -344,7 +349,8 @@ def _evaluate(path: Path, split: _Split, progress: Callable[[int], None] | None 
 
 
 def _search(pre: Path, work: Path, calib: np.ndarray, select: _Split | None, config: QuantizationConfig,
-            bar: Callable[[str, int], Callable[[int], None] | None]) -> list[dict[str, Any]]:
+            bar: Callable[[str, int], Callable[[int], None] | None], more_calib: np.ndarray | None = None
+            ) -> list[dict[str, Any]]:
     """Quantize with every candidate calibration (no float layers), each with its weights rounded to nearest
     and (with the search on) bias-corrected, and judge each on the selection split; the log, best first
     (highest agreement with FP32, then accuracy), each with its model, float model and ranges."""
@@ -368,10 +374,36 @@ def _search(pre: Path, work: Path, calib: np.ndarray, select: _Split | None, con
                           "_model": model, "_pre": model_pre, "_ranges": ranges, "_calibration": calibration})
             log.info("candidate %s, %s: agreement %s, drop %s", calibration.name, method, judged["agreement"],
                      judged["drop_points"])
-    ranked = sorted(tried, key=lambda r: (-(r["selection_agreement"] or 0.0), -(r["selection_accuracy"] or 0.0)))
+    ranked = _rank(tried)
+    if select is not None and more_calib is not None and len(more_calib):
+        ranked = _more_calibration(ranked, pre, work, calib, more_calib, select, config, bar)
     if select is not None and len(ranked) > 1:
         ranked = _refine_sensitive_tensors(ranked, pre, work, calib, select, config, bar)
     return ranked
+
+
+def _rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (-(r["selection_agreement"] or 0.0), -(r["selection_accuracy"] or 0.0)))
+
+
+def _more_calibration(ranked: list[dict[str, Any]], pre: Path, work: Path, calib: np.ndarray, more: np.ndarray,
+                      select: _Split, config: QuantizationConfig,
+                      bar: Callable[[str, int], Callable[[int], None] | None]) -> list[dict[str, Any]]:
+    """One more candidate: the best calibration again on a larger calibration set (the calibration images
+    and as many more, none of them in the selection split), weights rounded to nearest."""
+    t0 = time.perf_counter()
+    best = ranked[0]
+    big = np.concatenate([calib, more])
+    ranges = activation_ranges(pre, big, best["_calibration"], config.calibration_batch_size, work)
+    path = work / "candidate-more-calibration.onnx"
+    _quantize(pre, path, big, config, [], bar(f"calibrate on {len(big)}", len(big)), ranges)
+    judged = select.judge(_evaluate(path, select, bar("select", len(select.pixels))))
+    row = {"calibration": f"{best['_calibration'].name}, {len(big)} calibration images", "weights": "nearest",
+           "float_nodes": 0, "calibration_images": len(big), **{f"selection_{k}": v for k, v in judged.items()},
+           "seconds": time.perf_counter() - t0, "_model": path, "_pre": pre, "_ranges": ranges,
+           "_calibration": best["_calibration"], "_calib": big}
+    log.info("candidate %s: agreement %s, drop %s", row["calibration"], judged["agreement"], judged["drop_points"])
+    return _rank([*ranked, row])
 
 
 SENSITIVE_TENSORS = 3  # the refinement gives this many of the worst-quantized tensors another range
@@ -395,18 +427,20 @@ def _refine_sensitive_tensors(ranked: list[dict[str, Any]], pre: Path, work: Pat
     chosen = worst[:SENSITIVE_TENSORS]
     ranges = {**(best["_ranges"] or {}), **{name: alt_ranges[name] for name in chosen}}
     path = work / "candidate-sensitive.onnx"
-    _quantize(best["_pre"], path, calib, config, [], bar("calibrate sensitive tensors", len(calib)), ranges)
+    own = best.get("_calib", calib)
+    _quantize(best["_pre"], path, own, config, [], bar("calibrate sensitive tensors", len(own)), ranges)
     judged = select.judge(_evaluate(path, select, bar("select", len(select.pixels))))
     row = {"calibration": f"{best['calibration']}, {alternative.name} on {len(chosen)} sensitive tensors",
            "weights": best["weights"], "float_nodes": 0, "overridden_tensors": chosen,
            **{f"selection_{k}": v for k, v in judged.items()}, "seconds": time.perf_counter() - t0,
-           "_model": path, "_pre": best["_pre"], "_ranges": ranges, "_calibration": best["_calibration"]}
+           "_model": path, "_pre": best["_pre"], "_ranges": ranges, "_calibration": best["_calibration"], "_calib": own}
     log.info("candidate %s: agreement %s, drop %s", row["calibration"], judged["agreement"], judged["drop_points"])
-    return sorted([*ranked, row], key=lambda r: (-(r["selection_agreement"] or 0.0), -(r["selection_accuracy"] or 0.0)))
+    return _rank([*ranked, row])
 
 
 def _guarded(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray, select: _Split | None, test: _Split,
-             config: QuantizationConfig, bar: Callable[[str, int], Callable[[int], None] | None]
+             config: QuantizationConfig, bar: Callable[[str, int], Callable[[int], None] | None],
+             more_calib: np.ndarray | None = None
              ) -> tuple[_Round, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """The search for the best quantized model, then, only if it does not hold the guard, float fallback:
     the worst-quantized tensors (1, 2, 4, ... of them, by sensitivity_ranking) kept in float.
@@ -418,7 +452,7 @@ def _guarded(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray,
     import onnx
 
     graph_nodes = len(onnx.load(str(pre)).graph.node)
-    tried = _search(pre, work, calib, select, config, bar)
+    tried = _search(pre, work, calib, select, config, bar, more_calib)
     eligible = [r for r in tried if r["selection_agreement"] is None
                 or 100 * r["selection_agreement"] >= config.min_agreement - 1e-9]
     best = (eligible or tried)[0]
@@ -448,7 +482,8 @@ def _guarded(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray,
             break
         exclude = _nodes_touching(best_pre, [name for name, _ in ranking[:keep_float]])
         path = work / f"int8-float-{keep_float}.onnx"
-        _quantize(best_pre, path, calib, config, exclude, bar("calibrate", len(calib)), ranges)
+        own = best.get("_calib", calib)
+        _quantize(best_pre, path, own, config, exclude, bar("calibrate", len(own)), ranges)
     closest = max(checked, key=lambda r: r["agreement"])
     raise AccuracyGuardError(
         f"INT8 loses {closest['drop_points']:.2f} points of test accuracy ({100 * test.fp32.accuracy:.2f} % -> "
@@ -486,9 +521,9 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
     fp32_session = create_session(fp32_path, "cpu")
     fp32 = evaluate_session(fp32_session, test_pixels, test_labels, progress=bar("evaluate FP32", len(test_pixels)))
     test = _Split(test_pixels, test_labels, fp32)
-    select = None
+    select, more_calib = None, None
     if config.search:  # one candidate needs no choosing
-        select_pixels, select_labels = selection_split(train_images, train_labels, config)
+        select_pixels, select_labels, more_calib = selection_split(train_images, train_labels, config)
         fp32_select = evaluate_session(fp32_session, select_pixels, select_labels if select_labels is not None
                                        else np.zeros(len(select_pixels), np.int64))
         select = _Split(select_pixels, select_labels, fp32_select)
@@ -498,7 +533,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         pre = work / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         graph_nodes = len(onnx.load(str(pre)).graph.node)
-        passed, rounds, tried, chosen = _guarded(pre, work, calib, train_images, select, test, config, bar)
+        passed, rounds, tried, chosen = _guarded(pre, work, calib, train_images, select, test, config, bar, more_calib)
         model = onnx.load(str(passed.model))
         props = dict(metadata or {})
         settings = asdict(config)
@@ -511,13 +546,14 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         with atomic_path(out_path) as final:
             onnx.save(model, str(final))
     int8, audit = passed.result, audit_weights(model)
+    used = len(chosen.get("_calib", calib))
     return QuantizeResult(
         fp32_accuracy=fp32.accuracy, fp32_images_per_second=fp32.images_per_second,
         test_accuracy=int8.accuracy, images_per_second=int8.images_per_second,
         accuracy_drop_points=100 * (fp32.accuracy - int8.accuracy),
         top1_agreement=float((int8.predictions == fp32.predictions).mean()),
         logits_sqnr_db=sqnr_db(fp32.logits, int8.logits), float_nodes=passed.float_nodes, graph_nodes=graph_nodes,
-        guard_rounds=rounds, calibration_images=len(calib), scheme=scheme,
+        guard_rounds=rounds, calibration_images=used, scheme=scheme,
         max_abs_weight=audit.max_abs_weight if audit else None, saturation_free=audit.saturation_free if audit else None,
         calibration=chosen["calibration"], weights=chosen["weights"], candidates=tried,
         selection={} if select is None else {

@@ -262,8 +262,10 @@ def test_search_keeps_a_quantized_candidate_before_any_float_fallback(tmp_path, 
     assert [c["calibration"] for c in result.candidates if c.get("chosen")] == ["percentile 99.99"]
     refined = [c for c in result.candidates if "overridden_tensors" in c]  # the best, 3 tensors re-ranged
     assert len(refined) == 1 and len(refined[0]["overridden_tensors"]) == 3
-    assert refined[0]["calibration"].startswith("percentile 99.99, percentile 99.9 on 3")
-    verdicts = {(c["calibration"], c["weights"]): c.get("holds") for c in result.candidates if c not in refined}
+    larger = [c for c in result.candidates if "calibration_images" in c]  # the best calibration on 64 + 64
+    assert len(larger) == 1 and larger[0]["calibration"] == "percentile 99.99, 128 calibration images"
+    verdicts = {(c["calibration"], c["weights"]): c.get("holds") for c in result.candidates
+                if c not in refined and c not in larger}
     assert set(verdicts) == {(m, w) for m in ("minmax", "percentile 99.99") for w in ("nearest", "bias correction")}
     assert [c["holds"] for c in result.candidates if "holds" in c] == [True]
     assert sum("holds" in c for c in result.candidates) == 1  # one candidate checked on the test set, no more
@@ -315,3 +317,19 @@ def test_bias_correction_keeps_the_contract_and_shifts_only_biases(tmp_path, tra
     fp32 = create_session(run / "model.onnx").run(["logits"], {"pixels": x})[0]
     int8 = create_session(final).run(["logits"], {"pixels": x})[0]
     assert int8.shape == (500, 10) and (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.99
+
+
+def test_selection_and_every_calibration_set_are_disjoint():
+    """The search chooses on images no calibration saw, the larger calibration set included."""
+    from resnet_edge.quantize import calibration_images, selection_split
+
+    images = np.arange(3000, dtype=np.float32).reshape(3000, 1, 1, 1) * np.ones((1, 1, 28, 28), np.float32)
+    config = QuantizationConfig(calibration_size=500, selection_size=2000)
+    calib = {float(x) for x in calibration_images(images, 500, config.seed)[:, 0, 0, 0]}
+    select, _, more = selection_split(images, None, config)
+    chosen, extra = {float(x) for x in select[:, 0, 0, 0]}, {float(x) for x in more[:, 0, 0, 0]}
+    assert len(chosen) == 2000 and len(extra) == 500 and not (calib & chosen or calib & extra or chosen & extra)
+    from resnet_edge.errors import UserError
+
+    with pytest.raises(UserError, match="leaves 50 of the 3000 training images"):
+        selection_split(images, None, QuantizationConfig(calibration_size=2950))
