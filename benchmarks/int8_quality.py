@@ -103,6 +103,7 @@ def run_case(case: str, arch: str, work: Path, slices: int, slice_s: float, trai
             row.update(fp32_accuracy=report["fp32"]["test_accuracy"], int8_accuracy=q["test_accuracy"],
                        accuracy_drop_points=q["accuracy_drop_points"], top1_agreement=q["top1_agreement"],
                        float_nodes=len(q["float_nodes"]), calibration=q.get("calibration", options[-1] if options else ""),
+                       weights=q.get("weights"), saturation_free=q.get("saturation_free"),
                        candidates=q.get("candidates", []))
             for batch in (1, 64):
                 row[f"batch_{batch}"] = _throughput(copy / "model.onnx", copy / "model.int8.onnx", batch, slices, slice_s)
