@@ -370,6 +370,7 @@ def _search(pre: Path, work: Path, calib: np.ndarray, select: _Split | None, con
             judged = (select.judge(_evaluate(model, select, bar("select", len(select.pixels)))) if select is not None
                       else {"accuracy": None, "drop_points": None, "agreement": None})
             tried.append({"calibration": calibration.name, "weights": method, "float_nodes": 0,
+                          "calibration_images": len(calib),
                           **{f"selection_{k}": v for k, v in judged.items()}, "seconds": time.perf_counter() - t0,
                           "_model": model, "_pre": model_pre, "_ranges": ranges, "_calibration": calibration})
             log.info("candidate %s, %s: agreement %s, drop %s", calibration.name, method, judged["agreement"],
@@ -419,7 +420,8 @@ def _refine_sensitive_tensors(ranked: list[dict[str, Any]], pre: Path, work: Pat
     best = ranked[0]
     tighter = {None: 99.99, 99.999: 99.99, 99.99: 99.9, 99.9: 99.0}.get(best["_calibration"].percentile, 99.99)
     alternative = Calibration("percentile", tighter)
-    alt_ranges = activation_ranges(pre, calib, alternative, config.calibration_batch_size, work) or {}
+    own = best.get("_calib", calib)  # the calibration set of the candidate refined, for every range
+    alt_ranges = activation_ranges(pre, own, alternative, config.calibration_batch_size, work) or {}
     probe = calibration_images(select.pixels, 128, config.seed + 3)  # held-out images, not the calibration set
     worst = [name for name, _ in sensitivity_ranking(best["_pre"], best["_model"], probe) if name in alt_ranges]
     if not worst:
@@ -427,11 +429,10 @@ def _refine_sensitive_tensors(ranked: list[dict[str, Any]], pre: Path, work: Pat
     chosen = worst[:SENSITIVE_TENSORS]
     ranges = {**(best["_ranges"] or {}), **{name: alt_ranges[name] for name in chosen}}
     path = work / "candidate-sensitive.onnx"
-    own = best.get("_calib", calib)
     _quantize(best["_pre"], path, own, config, [], bar("calibrate sensitive tensors", len(own)), ranges)
     judged = select.judge(_evaluate(path, select, bar("select", len(select.pixels))))
     row = {"calibration": f"{best['calibration']}, {alternative.name} on {len(chosen)} sensitive tensors",
-           "weights": best["weights"], "float_nodes": 0, "overridden_tensors": chosen,
+           "weights": best["weights"], "float_nodes": 0, "overridden_tensors": chosen, "calibration_images": len(own),
            **{f"selection_{k}": v for k, v in judged.items()}, "seconds": time.perf_counter() - t0,
            "_model": path, "_pre": best["_pre"], "_ranges": ranges, "_calibration": best["_calibration"], "_calib": own}
     log.info("candidate %s: agreement %s, drop %s", row["calibration"], judged["agreement"], judged["drop_points"])
@@ -483,7 +484,16 @@ def _guarded(pre: Path, work: Path, calib: np.ndarray, train_images: np.ndarray,
         exclude = _nodes_touching(best_pre, [name for name, _ in ranking[:keep_float]])
         path = work / f"int8-float-{keep_float}.onnx"
         own = best.get("_calib", calib)
-        _quantize(best_pre, path, own, config, exclude, bar("calibrate", len(own)), ranges)
+        if best["weights"] == "bias correction":
+            # the layers kept in float keep their float weights, so they must keep their own biases too:
+            # quantize the plain model, then correct only the layers that were quantized (those with int8
+            # weights), then quantize that with the same float layers and ranges
+            plain, corrected = work / f"int8-float-{keep_float}-plain.onnx", work / f"pre-float-{keep_float}.onnx"
+            _quantize(pre, plain, own, config, exclude, None, ranges)
+            bias_correction(pre, plain, own, corrected)
+            _quantize(corrected, path, own, config, exclude, bar("calibrate", len(own)), ranges)
+        else:
+            _quantize(best_pre, path, own, config, exclude, bar("calibrate", len(own)), ranges)
     closest = max(checked, key=lambda r: r["agreement"])
     raise AccuracyGuardError(
         f"INT8 loses {closest['drop_points']:.2f} points of test accuracy ({100 * test.fp32.accuracy:.2f} % -> "
@@ -540,6 +550,7 @@ def quantize_model(fp32_path: Path, out_path: Path, train_images: np.ndarray, te
         settings["requested_method"] = settings.pop("method")  # what was asked; "calibration": what was chosen
         props["quantization"] = json.dumps({**settings, "format": "QDQ", "weight_type": "int8",
                                             "calibration": chosen["calibration"], "weights": chosen["weights"],
+                                            "calibration_images": len(chosen.get("_calib", calib)),
                                             "float_nodes": passed.float_nodes})
         props["int8_scheme"] = json.dumps(scheme)
         onnx.helper.set_model_props(model, props)
