@@ -67,9 +67,14 @@ def _batches(images: np.ndarray, batch_size: int, progress: Callable[[int], None
 def calibration_images(train_images: np.ndarray, size: int, seed: int) -> np.ndarray:
     """A seeded random subset of the training images (never test images: they judge the result), as
     model input; uint8 [N, 28, 28] images are converted after sampling, so only the subset is."""
-    rng = np.random.default_rng(seed)
-    subset = train_images[np.sort(rng.choice(len(train_images), size=min(size, len(train_images)), replace=False))]
+    subset = train_images[_calibration_indices(len(train_images), size, seed)]
     return np.ascontiguousarray(to_pixels(subset) if subset.dtype == np.uint8 else subset)
+
+
+def _calibration_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """The seeded draw of calibration images (sorted indices): one place, so the selection split excludes
+    exactly the images calibration_images takes."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,9 @@ class Calibration:
 # The search's candidates after the one --calibration-method names (tried first): the ranges of every
 # activation tensor from its whole calibration range (minmax), the KL-divergence threshold of TensorRT's
 # entropy calibration, and histogram percentiles that clip the rarest values (ONNX Runtime's calibrators).
-# Entropy is not among them: its threshold search costs ~30 s on resnet8 (pure Python over 2048 bins per
-# tensor); --calibration-method entropy tries it.
+# Entropy is not among them: its threshold search (pure Python over 2048 bins per tensor) made resnet8's export
+# take 32-36 s against 11-12 s for minmax (benchmarks/int8_quality.py, 2-core AMD EPYC);
+# --calibration-method entropy tries it.
 SEARCH = (Calibration("minmax"), Calibration("percentile", 99.999), Calibration("percentile", 99.99),
           Calibration("percentile", 99.9))
 DEFAULT_PERCENTILE = 99.999  # ONNX Runtime's own default
@@ -326,7 +332,7 @@ def selection_split(train_images: np.ndarray, train_labels: np.ndarray | None, c
     images would make the reported test accuracy a selected figure. Also --calibration-size more training
     images outside both, for the search's larger-calibration candidate (fewer when the set is small)."""
     n = len(train_images)
-    calib = set(np.random.default_rng(config.seed).choice(n, size=min(config.calibration_size, n), replace=False).tolist())
+    calib = set(_calibration_indices(n, config.calibration_size, config.seed).tolist())
     rest = np.array([i for i in range(n) if i not in calib], dtype=np.int64)
     if len(rest) < MIN_SELECTION:
         raise UserError(f"--calibration-size {config.calibration_size} leaves {len(rest)} of the {n} training images for the "

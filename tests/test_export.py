@@ -238,7 +238,6 @@ def test_search_keeps_a_quantized_candidate_before_any_float_fallback(tmp_path, 
     """minmax is made to disagree with FP32 on the selection split: the search ranks it last and writes the
     best other candidate, checked alone on the test set, with no layer in float; every candidate is logged."""
     import resnet_edge.quantize as q
-    from resnet_edge.contract import to_pixels
     from resnet_edge.data import load_dataset
 
     run, _, export = trained_run
