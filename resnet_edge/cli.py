@@ -38,6 +38,22 @@ class _TerminalConsole(Console):
 
         return super().render_str(terminal_text(text), **kwargs)
 
+    def print_table(self, table: Table) -> None:
+        """A table at its natural width even on a narrow terminal (or a pipe, which rich takes as 80
+        columns): the terminal wraps long lines, but no variant name or number is cut to 'onn…'."""
+        from rich.measure import Measurement
+
+        natural = Measurement.get(self, self.options.update_width(10_000), table).maximum
+        if natural <= self.width:
+            self.print(table)
+            return
+        narrow = self._width
+        self.width = natural
+        try:
+            self.print(table)
+        finally:
+            self._width = narrow
+
 
 console = _TerminalConsole()
 err_console = _TerminalConsole(stderr=True)
@@ -290,7 +306,7 @@ def models_cli() -> None:
         model = create_model(name)
         macs = count_macs(model)
         table.add_row(name, spec.family, f"{count_parameters(model):,}", f"{macs / 1e6:,.1f}", f"{2 * macs / 1e6:,.1f}")
-    console.print(table)
+    console.print_table(table)
     console.print("MFLOPs = 2 x multiply-accumulates of convolutions and linear layers.", style="dim")
 
 
@@ -361,7 +377,7 @@ def _print_export(report: dict[str, Any], run_dir: Path) -> None:
         h = report["fp16"]
         table.add_row("FP16", f"{100 * h['test_accuracy']:.2f} %", f"{100 * h['top1_agreement']:.2f} %",
                       f"{_size(h['bytes'])} ({100 * h['size_ratio']:.0f} %)", f"max |diff| {h['max_abs_diff']:.1e}")
-    console.print(table)
+    console.print_table(table)
     if "int8" in report and report["int8"].get("selection"):  # the search ran
         _print_search(report["int8"])
     if "int8" in report and report["int8"]["float_nodes"]:
@@ -386,7 +402,7 @@ def _print_search(int8: dict[str, Any]) -> None:
                       f"{100 * c['selection_agreement']:.2f} %",
                       "-" if drop is None else f"{drop:+.2f} pt", f"{c['seconds']:.1f}",
                       verdict + (", chosen" if c.get("chosen") else ""))
-    console.print(table)
+    console.print_table(table)
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -429,7 +445,7 @@ def eval_cli(
     for path in paths:
         r = evaluate_file(path, provider=config.provider, data_dir=config.data_dir, batch_size=config.batch_size)
         table.add_row(str(path), r["runtime"], f"{100 * r['accuracy']:.2f} %", f"{r['images_per_second']:,.0f}")
-    console.print(table)
+    console.print_table(table)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -492,7 +508,7 @@ def _print_bench(report: dict[str, Any]) -> None:
                       f"{r['throughput']:,.0f}", f"{vs_torch:.2f}x" if vs_torch else "",
                       f"{vs_fp32:.2f}x" if vs_fp32 else "",
                       (f"{100 * r['p50_spread']:.0f} %" + (" !" if r.get("unstable") else "")) if "p50_spread" in r else "")
-    console.print(table)
+    console.print_table(table)
     for workload, r in (report.get("recommendation") or {}).items():
         console.print(f"recommended for {workload} (batch {r['batch_size']}) on this machine: {r['variant']} ({r['why']})",
                       highlight=False)

@@ -126,6 +126,26 @@ def test_eval_table_prints_a_model_path_with_brackets(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "m[/x]/l.onnx" in result.stdout, result.stdout
 
 
+def test_tables_are_never_cut_on_a_narrow_terminal():
+    """CI's pipe is 80 columns: bench's table printed 'onn…' for every variant and '0.2…' for latencies."""
+    import io
+
+    from rich.table import Table
+
+    from resnet_edge.cli import _TerminalConsole
+
+    out = io.StringIO()
+    narrow = _TerminalConsole(file=out, width=40)
+    table = Table(title="bench")
+    for col in ("variant", "batch", "p50 ms", "p99 ms", "images/s", "vs torch", "vs FP32"):
+        table.add_column(col)
+    table.add_row("onnx-int8", "64", "12.345", "23.456", "5,184", "1.23x", "1.41x")
+    narrow.print_table(table)
+    assert "…" not in out.getvalue()
+    assert all(v in out.getvalue() for v in ("onnx-int8", "12.345", "23.456", "1.41x", "images/s"))
+    assert narrow.width == 40  # the console is narrow again for what follows
+
+
 # ------------------------------------------------------------------------------------------ names
 @pytest.mark.parametrize("arch", ["a/b", "A" * 5_000_000, "[/x]", "r\x1b[2J\x1b[31m", "..", "has space"])
 def test_serve_refuses_a_model_name_that_is_not_one_url_segment(tmp_path, arch):
