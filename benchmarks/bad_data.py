@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 PROBE = """
 import resource, sys, time
-from resnet_edge.data import DataError, load_dataset
+from resnet_edge.core.mnist import DataError, load_dataset
 t0 = time.perf_counter()
 try:
     load_dataset(sys.argv[1])
@@ -46,7 +46,7 @@ def _member(prefix: bytes, mb: int) -> bytes:
 def main() -> None:
     from conftest import write_dataset
 
-    from resnet_edge.machine import machine
+    from resnet_edge.core.machine import machine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb-per-member", type=int, default=1024)

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from resnet_edge.machine import machine
-from resnet_edge.config import TrainConfig
-from resnet_edge.data import DeviceBatches, load_dataset
-from resnet_edge.models import create_model
-from resnet_edge.train import train_step
+from resnet_edge.core.machine import machine
+from resnet_edge.core.config import TrainConfig
+from resnet_edge.core.mnist import load_dataset
+from resnet_edge.training.batches import DeviceBatches
+from resnet_edge.training.models import create_model
+from resnet_edge.training.train import train_step
 
 SETTINGS = {
     "fp32, channels_last": (None, torch.channels_last),

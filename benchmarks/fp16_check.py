@@ -2,7 +2,7 @@
 
     python benchmarks/fp16_check.py --run exported/resnet8 [--provider cpu|cuda]
 
-Converts the run's model.onnx the way `export --fp16` does (resnet_edge/fp16.py: float16 weights and
+Converts the run's model.onnx the way `export --fp16` does (resnet_edge/export/fp16.py: float16 weights and
 compute, float32 in and out), evaluates both on the 10,000 test images, and times batch 1 and
 --batch-size (p50 of --runs calls after a warm-up; the two models interleaved round by round; median
 of --rounds). On the CPU provider FP16 is expected to be slower (few tuned float16 kernels): it is the
@@ -20,10 +20,10 @@ import numpy as np
 
 from timing import p50_ms
 
-from resnet_edge.data import load_test_split
-from resnet_edge.fp16 import write_fp16
-from resnet_edge.machine import machine
-from resnet_edge.runtime import create_session
+from resnet_edge.core.mnist import load_test_split
+from resnet_edge.export.fp16 import write_fp16
+from resnet_edge.core.machine import machine
+from resnet_edge.inference.runtime import create_session
 
 
 def main() -> None:

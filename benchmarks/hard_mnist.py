@@ -51,7 +51,7 @@ def _write_idx(path: Path, magic: int, array: np.ndarray) -> None:
 
 
 def write_dataset(kind: str, out: Path, seed: int = 0) -> Path:
-    from resnet_edge.data import load_dataset
+    from resnet_edge.core.mnist import load_dataset
 
     mnist = load_dataset()
     out.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def predictions(model: Path, limit: int) -> np.ndarray:
-    from resnet_edge.data import load_test_split
-    from resnet_edge.runtime import create_session, evaluate_session
+    from resnet_edge.core.mnist import load_test_split
+    from resnet_edge.inference.runtime import create_session, evaluate_session
 
     images, labels = load_test_split()
     return evaluate_session(create_session(model, "cpu"), images[:limit], labels[:limit]).predictions
@@ -71,10 +71,10 @@ def main() -> None:
     if shutil.which("qemu-x86_64") is None:
         raise SystemExit("needs qemu-x86_64 (apt-get install qemu-user)")
 
-    from resnet_edge.contract import to_pixels
-    from resnet_edge.data import load_dataset
-    from resnet_edge.machine import cpu_info, machine
-    from resnet_edge.quantize import QuantizationConfig, quantize_model
+    from resnet_edge.core.contract import to_pixels
+    from resnet_edge.core.mnist import load_dataset
+    from resnet_edge.core.machine import cpu_info, machine
+    from resnet_edge.export.quantize import QuantizationConfig, quantize_model
 
     cpu = cpu_info()
     if not cpu.int8_dot_product:

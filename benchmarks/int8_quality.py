@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from hard_mnist import write_dataset  # noqa: E402
 
-from resnet_edge.machine import machine  # noqa: E402
+from resnet_edge.core.machine import machine  # noqa: E402
 
 VARIANTS = {  # name -> export options
     "default (search)": [],

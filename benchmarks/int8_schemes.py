@@ -2,7 +2,7 @@
 
     python benchmarks/int8_schemes.py --run benchmarks/results/cpu/resnet8
 
-Quantizes the run's model.onnx with each scheme of resnet_edge/int8.py and the export recipe (QDQ,
+Quantizes the run's model.onnx with each scheme of resnet_edge/core/int8.py and the export recipe (QDQ,
 per-channel int8 weights, 512 calibration images, no layer kept in float), evaluates each on the
 10,000 test images, counts the convolutions ONNX Runtime's CPU graph optimizer turns into QLinearConv
 (the rest stay float Conv between Dequantize and Quantize), and times batch 1 and --batch-size against
@@ -24,13 +24,13 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from timing import p50_ms
 
-from resnet_edge.bench import float_convolutions
-from resnet_edge.contract import to_pixels
-from resnet_edge.data import load_split
-from resnet_edge.int8 import SCHEMES
-from resnet_edge.machine import machine
-from resnet_edge.quantize import QuantizationConfig, _quantize, calibration_images
-from resnet_edge.runtime import create_session, evaluate_session
+from resnet_edge.bench.runner import float_convolutions
+from resnet_edge.core.contract import to_pixels
+from resnet_edge.core.mnist import load_split
+from resnet_edge.core.int8 import SCHEMES
+from resnet_edge.core.machine import machine
+from resnet_edge.export.quantize import QuantizationConfig, _quantize, calibration_images
+from resnet_edge.inference.runtime import create_session, evaluate_session
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from resnet_edge.machine import machine
+    from resnet_edge.core.machine import machine
 
     triton = args.deploy / "triton"
     models = {}

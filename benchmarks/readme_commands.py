@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from resnet_edge.machine import machine
+    from resnet_edge.core.machine import machine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("main", "tests"), default=None)

@@ -23,7 +23,7 @@ def _mb(path: Path) -> float:
 
 
 def main() -> None:
-    from resnet_edge.machine import machine
+    from resnet_edge.core.machine import machine
 
     with tempfile.TemporaryDirectory() as tmp:
         venv = Path(tmp) / "venv"

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_loadgen import read_response  # noqa: E402
 from serve_soak import start_server  # noqa: E402
 
-from resnet_edge.machine import machine  # noqa: E402
+from resnet_edge.core.machine import machine  # noqa: E402
 
 
 def _png(img: Image.Image) -> bytes:
@@ -74,7 +74,7 @@ def _multipart() -> tuple[bytes, dict[str, str]]:
 
 def _invalid_model_infer() -> bytes:
     """A ModelInfer message of INVALID_MB MiB whose shape says one image: INVALID_ARGUMENT, once parsed."""
-    from resnet_edge.proto import messages
+    from resnet_edge.serving.proto import messages
 
     request = messages()["ModelInferRequest"](model_name="m")
     request.inputs.add(name="pixels", datatype="UINT8", shape=[1, 784])

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_loadgen import (Tally, cpu_seconds, free_port, grpc_requests, http_requests, machine_line,  # noqa: E402
                            run_load, save_report, stop, summarize, test_images, wait_ready)
 
-from resnet_edge.machine import machine  # noqa: E402
+from resnet_edge.core.machine import machine  # noqa: E402
 
 ANSWER = b"\x00" * 60
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -154,8 +154,8 @@ def inference_us(model: Path, batch: int, seconds: float) -> float:
     ONNX Runtime's threads included), on a session made as `serve` makes it."""
     import numpy as np
 
-    from resnet_edge.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
-    from resnet_edge.runtime import create_session
+    from resnet_edge.core.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+    from resnet_edge.inference.runtime import create_session
 
     session = create_session(model, "cpu", spinning=False)
     x = np.random.default_rng(0).random((batch, *INPUT_SHAPE), dtype=np.float32)
@@ -172,9 +172,9 @@ def format_us(seconds: float = 1.0) -> dict[str, float]:
     """CPU microseconds per request of each mode's own work (parse, checks, answer), on serve_loadgen's images."""
     import numpy as np
 
-    from resnet_edge.proto import messages
-    from resnet_edge.serve_grpc import grpc_infer_request, grpc_infer_response
-    from resnet_edge.serve_v2 import encode_http_response, parse_http_request
+    from resnet_edge.serving.proto import messages
+    from resnet_edge.serving.grpc_front import grpc_infer_request, grpc_infer_response
+    from resnet_edge.serving.v2 import encode_http_response, parse_http_request
 
     images = test_images(64)
     logits = np.random.default_rng(0).random((1, 10), dtype=np.float32)

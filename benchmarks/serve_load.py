@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_loadgen import free_port, run_load, wait_ready  # noqa: E402
 
-from resnet_edge.machine import machine  # noqa: E402
+from resnet_edge.core.machine import machine  # noqa: E402
 
 
 def run_setting(model: Path, max_batch_size: int, max_delay_ms: float, clients: int, seconds: float, threads: int | None,

@@ -86,7 +86,7 @@ def stop(procs: list) -> None:
 
 
 def test_images(count: int = 256) -> np.ndarray:
-    from resnet_edge.data import load_test_split
+    from resnet_edge.core.mnist import load_test_split
 
     images, _ = load_test_split()
     return np.round(images[:count].reshape(count, 784) * 255).astype(np.uint8)
@@ -113,7 +113,7 @@ def http_requests(mode: str, name: str, port: int, images: np.ndarray) -> list[b
 
 
 def grpc_requests(name: str, images: np.ndarray) -> list[bytes]:
-    from resnet_edge.proto import messages
+    from resnet_edge.serving.proto import messages
 
     out = []
     for img in images:

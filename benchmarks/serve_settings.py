@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_loadgen import MODES, free_port, launch, line, machine_line, run_load, save_report, stop  # noqa: E402
 
-from resnet_edge.machine import machine  # noqa: E402
+from resnet_edge.core.machine import machine  # noqa: E402
 
 BASE_ARGS = ["--max-batch-size", "64", "--max-pending-bytes", str(2**30)]
 

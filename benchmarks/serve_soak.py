@@ -23,7 +23,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_loadgen import MODES, free_port, line, run_load, wait_ready  # noqa: E402
 
-from resnet_edge.machine import machine  # noqa: E402
+from resnet_edge.core.machine import machine  # noqa: E402
 
 
 def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, int, int]:

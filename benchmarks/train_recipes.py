@@ -79,7 +79,7 @@ def summarize(rows: list[dict], target: float, budget: float) -> dict:
 def environment(device: str) -> dict:
     import torch
 
-    from resnet_edge.machine import cpu_info, versions
+    from resnet_edge.core.machine import cpu_info, versions
 
     env = {"cpu": cpu_info().model, "cores": os.cpu_count(), "versions": versions(include_torch=True),
            "cuda": torch.version.cuda}

@@ -24,17 +24,18 @@ from pathlib import Path
 
 import torch
 
-from resnet_edge.data import FILES, DeviceBatches, bundled_dir, load_dataset
-from resnet_edge.machine import cpu_info
-from resnet_edge.models import create_model
-from resnet_edge.train import TrainConfig, autocast_dtype, resolve_device, train_step
+from resnet_edge.core.mnist import IDX_FILES, bundled_dir, load_dataset
+from resnet_edge.training.batches import DeviceBatches
+from resnet_edge.core.machine import cpu_info
+from resnet_edge.training.models import create_model
+from resnet_edge.training.train import TrainConfig, autocast_dtype, resolve_device, train_step
 
 
 def torchvision_root(tmp: Path) -> Path:
     """The bundled files laid out the way torchvision.datasets.MNIST reads them (root/MNIST/raw/*)."""
     raw = tmp / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for stem in FILES.values():
+    for stem in IDX_FILES.values():
         with gzip.open(bundled_dir() / f"{stem}.gz") as src, open(raw / stem, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return tmp

@@ -14,7 +14,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 @pytest.fixture(scope="session")
 def mnist():
-    from resnet_edge.data import load_dataset
+    from resnet_edge.core.mnist import load_dataset
 
     return load_dataset()
 
@@ -30,8 +30,8 @@ def small_mnist(mnist):
 def trained_run(tmp_path_factory, mnist):
     """The one real-MNIST end-to-end run of the default suite: resnet8, 1 epoch on all 60,000 images,
     then export --quantize with the default guard."""
-    from resnet_edge.export import export_run
-    from resnet_edge.train import TrainConfig, train
+    from resnet_edge.export.onnx_export import export_run
+    from resnet_edge.training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("run") / "resnet8"
     report = train(TrainConfig(arch="resnet8", epochs=1, device="cpu"), run, dataset=mnist)

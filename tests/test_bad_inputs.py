@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import write_dataset, write_idx
 from helpers import error_line, runner
 from resnet_edge.cli import app
-from resnet_edge.data import DataError, bundled_dir, load_dataset
+from resnet_edge.core.mnist import DataError, bundled_dir, load_dataset
 
 
 def _gzip_bomb(path, mb: int) -> None:
@@ -93,7 +93,7 @@ def test_non_utf8_sha256sums_is_one_line(tmp_path):
 
 
 def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch):
-    import resnet_edge.data as data
+    import resnet_edge.core.mnist as data
 
     folder = write_dataset(tmp_path / "d")
     real_open = open
@@ -239,7 +239,7 @@ def test_predict_into_a_closed_pipe_is_quiet(trained_run, tmp_path, mnist):
 
 
 def test_16_bit_grayscale_png_is_scaled_not_clipped(mnist):
-    from resnet_edge.preprocess import image_to_pixels
+    from resnet_edge.inference.preprocess import image_to_pixels
 
     digit = mnist.test_images[0]
     buf8, buf16 = io.BytesIO(), io.BytesIO()
@@ -340,7 +340,7 @@ def _run_files_are_consistent(folder):
     """Whole files from one checkpoint: every model and export.json name the same source, each loads."""
     import onnx
 
-    from resnet_edge.variants import check_same_checkpoint
+    from resnet_edge.inference.variants import check_same_checkpoint
 
     check_same_checkpoint(folder)  # raises on a mixed run
     for model in folder.glob("*.onnx"):

@@ -62,7 +62,7 @@ def test_cuda_without_the_provider_is_a_clear_error(trained_run):
 
 def test_no_torch_bench_never_imports_torch(tmp_path, trained_run):
     run, _, _ = trained_run
-    code = ("import sys; from pathlib import Path; from resnet_edge.bench import BenchConfig, run_bench; "
+    code = ("import sys; from pathlib import Path; from resnet_edge.bench.runner import BenchConfig, run_bench; "
             f"r = run_bench(Path({str(run)!r}), BenchConfig(batch_sizes=(2,), duration=0.02, min_runs=3, torch=False)); "
             "assert {x['variant'] for x in r['rows']} == {'onnx-fp32', 'onnx-int8'}; "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -71,7 +71,7 @@ def test_no_torch_bench_never_imports_torch(tmp_path, trained_run):
 
 # ------------------------------------------------------------------ a recommendation noise cannot flip (issue 21)
 def _cell(variant, p50s, batch=64):
-    from resnet_edge.bench import combine_repeats
+    from resnet_edge.bench.runner import combine_repeats
 
     return combine_repeats([{"variant": variant, "batch_size": batch, "p50_ms": p, "p90_ms": p, "p99_ms": p,
                              "runs": 10} for p in p50s])
@@ -87,7 +87,7 @@ def test_repeats_are_combined_with_their_spread_and_unstable_cells_flagged():
 def test_overlapping_repeats_give_no_decisive_difference_and_keep_fp32():
     """A run under load measured INT8 at 0.78-2.57x FP32 and recommended FP32 where a quiet run said INT8:
     with repeats, INT8 is recommended only when its slowest repeat beats FP32's fastest."""
-    from resnet_edge.variants import recommend
+    from resnet_edge.inference.variants import recommend
 
     eligible = {"onnx-fp32": None, "onnx-int8": None}
     noisy = [_cell("onnx-fp32", [10.0, 12.0, 30.0]), _cell("onnx-int8", [6.0, 8.0, 11.0])]
@@ -101,7 +101,7 @@ def test_overlapping_repeats_give_no_decisive_difference_and_keep_fp32():
 
 
 def test_bench_md_flags_unstable_cells():
-    from resnet_edge.bench_report import ratios, render_markdown
+    from resnet_edge.bench.report import ratios, render_markdown
 
     rows = [_cell("onnx-fp32", [10.0, 12.0, 30.0]), _cell("onnx-int8", [6.0, 6.1, 6.2])]
     report = {"arch": "resnet8", "provider": "cpu", "rows": rows, "ratios": ratios(rows), "variants": {},
@@ -117,7 +117,7 @@ def test_bench_md_flags_unstable_cells():
                                                  ("CUDA", False, True), ("CUDAExecutionProvider", False, True),
                                                  ("TensorRT", False, True), ("openvino", False, False)])
 def test_every_spelling_of_a_provider_means_one_thing(spelling, cpu, cuda):
-    from resnet_edge.runtime import is_cpu_provider, is_cuda_device_provider
+    from resnet_edge.core.providers import is_cpu_provider, is_cuda_device_provider
 
     assert is_cpu_provider(spelling) is cpu and is_cuda_device_provider(spelling) is cuda
 
@@ -127,8 +127,8 @@ def test_bench_torch_runs_on_the_gpu_for_cuda_however_spelled(tmp_path):
     asks for the GPU (here, with none visible, it says so)."""
     import numpy as np
 
-    from resnet_edge.bench_worker import _torch_call
-    from resnet_edge.errors import UserError
+    from resnet_edge.bench.worker import _torch_call
+    from resnet_edge.core.errors import UserError
 
     for spelling in ("CUDA", "TensorrtExecutionProvider"):
         with pytest.raises(UserError, match="PyTorch sees no CUDA GPU"):
@@ -137,7 +137,7 @@ def test_bench_torch_runs_on_the_gpu_for_cuda_however_spelled(tmp_path):
 
 def test_int8_diagnosis_on_the_cpu_provider_however_spelled():
     """`--provider CPU` was diagnosed as a GPU provider (QDQ without kernels there)."""
-    from resnet_edge.bench_report import diagnose, ratios
+    from resnet_edge.bench.report import diagnose, ratios
 
     rows = [{"variant": v, "batch_size": 64, "p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "throughput": 1.0, "runs": 1}
             for v, ms in (("onnx-fp32", 10.0), ("onnx-int8", 12.0))]

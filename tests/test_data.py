@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import write_dataset, write_idx
-from resnet_edge.data import DataError, DeviceBatches, bundled_dir, load_dataset
+from resnet_edge.core.mnist import DataError, bundled_dir, load_dataset
+from resnet_edge.training.batches import DeviceBatches
 
 
 def test_bundled_mnist_matches_published_facts(mnist):

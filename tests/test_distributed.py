@@ -28,12 +28,12 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import error_line
-from resnet_edge.checkpoint import load_checkpoint
+from resnet_edge.training.checkpoint import load_checkpoint
 from resnet_edge.cli import app
-from resnet_edge.data import DeviceBatches
-from resnet_edge.distributed import ShardedBatches, World, world_from_env
-from resnet_edge.errors import UserError
-from resnet_edge.train import TrainConfig, train
+from resnet_edge.training.batches import DeviceBatches
+from resnet_edge.training.distributed import ShardedBatches, World, world_from_env
+from resnet_edge.core.errors import UserError
+from resnet_edge.training.train import TrainConfig, train
 
 runner = CliRunner()
 TOLERANCE = 1e-2  # max |difference| of any weight or buffer; see the module docstring
@@ -98,7 +98,7 @@ def test_world_comes_from_torchrun_environment():
 
 
 def test_two_gloo_processes_match_one_process_and_the_checkpoint_exports(tmp_path, single_runs):
-    from resnet_edge.export import export_run
+    from resnet_edge.export.onnx_export import export_run
 
     run = tmp_path / "ddp"
     result = runner.invoke(app, ["train", "--nproc", "2", "--epochs", "2", "--run", str(run), *CLI_SMALL])

@@ -11,8 +11,8 @@ import pytest
 
 from helpers import error_line, runner
 from resnet_edge.cli import app
-from resnet_edge.data import load_test_split
-from resnet_edge.runtime import create_session
+from resnet_edge.core.mnist import load_test_split
+from resnet_edge.inference.runtime import create_session
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ def test_eval_and_predict_take_the_fp16_variant(fp16_run, mnist, tmp_path):
 
 
 def test_auto_variant_picks_fp16_on_a_gpu_provider_and_never_on_the_cpu(fp16_run):
-    from resnet_edge.machine import CpuInfo
-    from resnet_edge.variants import choose_model
+    from resnet_edge.core.machine import CpuInfo
+    from resnet_edge.inference.variants import choose_model
 
     run, _ = fp16_run
     avx2 = CpuInfo("AVX2 box", "x86_64", {"avx2": True})
@@ -109,7 +109,7 @@ def _rows(ms):
 
 
 def test_recommendation_covers_gpus_fp16_when_faster_never_a_slower_int8():
-    from resnet_edge.variants import recommend
+    from resnet_edge.inference.variants import recommend
 
     eligible = {"onnx-fp32": None, "onnx-int8": None, "onnx-fp16": None}
     # CUDA as measured on an H200: QDQ INT8 falls back to the CPU (0.6x), FP16 uses tensor cores.
@@ -152,9 +152,9 @@ def _copy(run, tmp_path, name):
 
 def test_a_cpu_bench_without_fp16_still_counts_for_a_run_with_fp16(fp16_run, tmp_path):
     """bench on the CPU measures FP32 and INT8 only; the FP16 file it did not measure must not void it."""
-    from resnet_edge.files import file_sha256
-    from resnet_edge.machine import cpu_info
-    from resnet_edge.variants import choose_model, recommend
+    from resnet_edge.core.files import file_sha256
+    from resnet_edge.core.machine import cpu_info
+    from resnet_edge.inference.variants import choose_model, recommend
 
     run = _copy(fp16_run[0], tmp_path, "r")
     cpu = cpu_info()
@@ -170,8 +170,8 @@ def test_a_cpu_bench_without_fp16_still_counts_for_a_run_with_fp16(fp16_run, tmp
 
 def test_a_saturating_int8_on_a_gpu_provider_still_gives_fp16(fp16_run, monkeypatch):
     from resnet_edge import int8
-    from resnet_edge.machine import CpuInfo
-    from resnet_edge.variants import choose_model
+    from resnet_edge.core.machine import CpuInfo
+    from resnet_edge.inference.variants import choose_model
 
     monkeypatch.setattr(int8, "cpu_problem", lambda model, cpu: "it would saturate")
     avx2 = CpuInfo("AVX2 box", "x86_64", {"avx2": True})
@@ -185,8 +185,8 @@ def test_a_saturating_int8_on_a_gpu_provider_still_gives_fp16(fp16_run, monkeypa
                                     "files": ["model.onnx"]},
                                    {"recommendation": [], "machine": {}}])
 def test_a_malformed_bench_json_is_ignored_not_a_traceback(fp16_run, tmp_path, bench):
-    from resnet_edge.machine import CpuInfo
-    from resnet_edge.variants import choose_model
+    from resnet_edge.core.machine import CpuInfo
+    from resnet_edge.inference.variants import choose_model
 
     run = _copy(fp16_run[0], tmp_path, "r")
     (run / "bench.json").write_text(json.dumps(bench))
@@ -196,8 +196,8 @@ def test_a_malformed_bench_json_is_ignored_not_a_traceback(fp16_run, tmp_path, b
 
 def test_a_run_without_fp32_chooses_among_what_it_has(fp16_run, tmp_path, monkeypatch):
     from resnet_edge import int8
-    from resnet_edge.machine import CpuInfo
-    from resnet_edge.variants import choose_model
+    from resnet_edge.core.machine import CpuInfo
+    from resnet_edge.inference.variants import choose_model
 
     run = _copy(fp16_run[0], tmp_path, "r")
     (run / "model.onnx").unlink()

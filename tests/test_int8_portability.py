@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from helpers import error_line
 from resnet_edge.cli import app
-from resnet_edge.machine import CpuInfo
+from resnet_edge.core.machine import CpuInfo
 
 runner = CliRunner()
 
@@ -59,8 +59,8 @@ def _pair_sums_fit_int16(weights) -> bool:
 @pytest.fixture(scope="module")
 def vnni_model(tmp_path_factory, trained_run):
     """The old default: uint8 activations with full 8-bit weights (scheme "vnni")."""
-    from resnet_edge.data import load_dataset, load_test_split
-    from resnet_edge.quantize import QuantizationConfig, quantize_model
+    from resnet_edge.core.mnist import load_dataset, load_test_split
+    from resnet_edge.export.quantize import QuantizationConfig, quantize_model
 
     run, _, _ = trained_run
     folder = tmp_path_factory.mktemp("vnni")
@@ -85,7 +85,7 @@ def test_default_int8_cannot_saturate_on_any_cpu(trained_run):
 
 def test_the_old_default_fails_the_same_check(vnni_model):
     """8-bit weights with uint8 activations: the check above fails on it, and our audit says so too."""
-    from resnet_edge.int8 import audit_weights, cpu_problem
+    from resnet_edge.core.int8 import audit_weights, cpu_problem
 
     weights, activations = _weights_and_activations(vnni_model)
     assert activations == {onnx.TensorProto.UINT8}
@@ -99,7 +99,7 @@ def test_the_old_default_fails_the_same_check(vnni_model):
 
 
 def test_portable_model_has_no_cpu_problem(trained_run):
-    from resnet_edge.int8 import audit_weights, cpu_problem
+    from resnet_edge.core.int8 import audit_weights, cpu_problem
 
     run, _, _ = trained_run
     proto = onnx.load(str(run / "model.int8.onnx"))
@@ -111,7 +111,7 @@ def test_portable_model_has_no_cpu_problem(trained_run):
 def test_predict_and_serve_refuse_a_saturating_model_on_a_cpu_without_vnni(vnni_model, monkeypatch, tmp_path):
     from PIL import Image
 
-    import resnet_edge.machine as machine
+    import resnet_edge.core.machine as machine
 
     monkeypatch.setattr(machine, "cpu_info", lambda *a: AVX2_ONLY)
     png = tmp_path / "digit.png"
@@ -133,7 +133,7 @@ def _run_copy(trained_run, tmp_path):
 
 @pytest.mark.parametrize("cpu, expected", [(VNNI, "int8"), (ARM, "int8"), (AVX2_ONLY, "fp32")])
 def test_auto_variant_without_a_bench_follows_the_cpu(trained_run, tmp_path, cpu, expected):
-    from resnet_edge.variants import choose_model
+    from resnet_edge.inference.variants import choose_model
 
     choice = choose_model(_run_copy(trained_run, tmp_path), cpu=cpu)
     assert choice.variant == expected and choice.path.name == ("model.int8.onnx" if expected == "int8" else "model.onnx")
@@ -143,8 +143,8 @@ def test_auto_variant_without_a_bench_follows_the_cpu(trained_run, tmp_path, cpu
 
 
 def _bench_json(run, cpu, rows, provider="cpu"):
-    from resnet_edge.files import file_sha256
-    from resnet_edge.variants import recommend
+    from resnet_edge.core.files import file_sha256
+    from resnet_edge.inference.variants import recommend
 
     (run / "bench.json").write_text(json.dumps({
         "provider": provider, "machine": {"cpu": cpu.model, "isa": cpu.isa},
@@ -158,7 +158,7 @@ def _rows(int8_ms, fp32_ms):
 
 
 def test_auto_variant_follows_a_bench_measured_on_this_cpu(trained_run, tmp_path):
-    from resnet_edge.variants import choose_model
+    from resnet_edge.inference.variants import choose_model
 
     run = _run_copy(trained_run, tmp_path)
     _bench_json(run, VNNI, _rows(int8_ms=1.0, fp32_ms=0.8))  # INT8 measured slower here
@@ -179,7 +179,7 @@ def test_auto_variant_follows_a_bench_measured_on_this_cpu(trained_run, tmp_path
 
 
 def test_recommendation_never_picks_a_slower_or_ineligible_int8():
-    from resnet_edge.variants import recommend
+    from resnet_edge.inference.variants import recommend
 
     slower = recommend(_rows(int8_ms=1.02, fp32_ms=1.0), {"onnx-fp32": None, "onnx-int8": None})
     assert {w: r["variant"] for w, r in slower.items()} == {"latency": "onnx-fp32", "throughput": "onnx-fp32"}
@@ -225,7 +225,7 @@ def test_predict_says_which_file_it_chose_and_why(trained_run, tmp_path, mnist):
 
 
 def test_export_without_quantize_removes_the_stale_int8(trained_run, tmp_path):
-    from resnet_edge.export import export_run
+    from resnet_edge.export.onnx_export import export_run
 
     run = _run_copy(trained_run, tmp_path)
     report = export_run(run, quantize=False)
@@ -236,8 +236,8 @@ def test_export_without_quantize_removes_the_stale_int8(trained_run, tmp_path):
 
 
 def test_interrupted_export_leaves_the_old_files_whole(trained_run, tmp_path, monkeypatch):
-    import resnet_edge.quantize as quantize
-    from resnet_edge.export import export_run
+    import resnet_edge.export.quantize as quantize
+    from resnet_edge.export.onnx_export import export_run
 
     run = _run_copy(trained_run, tmp_path)
     before = {p.name: p.read_bytes() for p in run.iterdir()}

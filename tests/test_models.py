@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from resnet_edge.models import MODELS, count_macs, count_parameters, create_model
+from resnet_edge.training.models import MODELS, count_macs, count_parameters, create_model
 
 EXPECTED_PARAMS = {  # 1 input channel, 10 classes
     "resnet8": 77_754, "resnet14": 174_970, "resnet20": 272_186,

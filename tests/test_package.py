@@ -70,7 +70,7 @@ def test_kserve_manifest(deploy):
 def test_ort_format_models_match_the_onnx_models(deploy):
     import onnxruntime as ort
 
-    from resnet_edge.data import load_test_split
+    from resnet_edge.core.mnist import load_test_split
 
     run, out = deploy
     images, _ = load_test_split()
@@ -85,7 +85,7 @@ def test_ort_format_models_match_the_onnx_models(deploy):
 
 
 def test_serve_repository_answers_like_serve_model(deploy):
-    from resnet_edge.data import load_test_split
+    from resnet_edge.core.mnist import load_test_split
 
     run, out = deploy
     images, _ = load_test_split()
@@ -109,8 +109,8 @@ def test_tritonclient_http_json_against_our_server(deploy):
     """Triton's own HTTP client, in JSON mode, gets the same digits as `predict` would."""
     import tritonclient.http as triton
 
-    from resnet_edge.data import load_test_split
-    from resnet_edge.runtime import create_session
+    from resnet_edge.core.mnist import load_test_split
+    from resnet_edge.inference.runtime import create_session
 
     run, out = deploy
     images, _ = load_test_split()
@@ -162,7 +162,7 @@ def test_package_never_replaces_a_folder_it_did_not_write(deploy, tmp_path):
 def test_repository_model_choice_follows_cpu_and_provider(deploy):
     from test_int8_portability import AVX2_ONLY, VNNI
 
-    from resnet_edge.variants import choose_repository_model
+    from resnet_edge.inference.variants import choose_repository_model
 
     _, out = deploy
     repo = out / "triton"
@@ -206,8 +206,8 @@ def test_config_pbtxt_and_kserve_yaml_are_written_by_their_formats_quoting():
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from resnet_edge.config import PackageConfig
-    from resnet_edge.package import kserve_manifest, triton_config
+    from resnet_edge.core.config import PackageConfig
+    from resnet_edge.deploy.package import kserve_manifest, triton_config
 
     hostile = 'm" parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "x" } } backend: "python\n\x1b'
     config = text_format.Parse(triton_config(hostile, PackageConfig()), mc.ModelConfig())

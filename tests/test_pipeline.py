@@ -68,8 +68,8 @@ def test_resume_refuses_another_epoch_count(trained_run, tmp_path):
 
 
 def test_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
-    import resnet_edge.export as export
-    from resnet_edge.export import ParityResult
+    import resnet_edge.export.onnx_export as export
+    from resnet_edge.export.onnx_export import ParityResult
 
     run, _, _ = trained_run
     copy = tmp_path / "run"
@@ -90,8 +90,8 @@ def test_bottleneck_resnet50_exports_with_parity(tmp_path):
     import onnx
     import torch
 
-    from resnet_edge.export import export_onnx, metadata
-    from resnet_edge.models import create_model
+    from resnet_edge.export.onnx_export import export_onnx, metadata
+    from resnet_edge.training.models import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet50").eval()
@@ -109,9 +109,9 @@ def test_bottleneck_resnet50_exports_with_parity(tmp_path):
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_calibration_methods(trained_run, tmp_path, method, mnist):
-    from resnet_edge.config import QuantizationConfig
-    from resnet_edge.contract import to_pixels
-    from resnet_edge.quantize import quantize_model
+    from resnet_edge.core.config import QuantizationConfig
+    from resnet_edge.core.contract import to_pixels
+    from resnet_edge.export.quantize import quantize_model
 
     run, _, _ = trained_run
     out = tmp_path / "model.int8.onnx"
@@ -126,7 +126,7 @@ def test_calibration_methods(trained_run, tmp_path, method, mnist):
 def _report(int8_ms, fp32_ms, *, provider="cpu", float_conv=0, dot=True, placement=None):
     rows = [{"variant": v, "batch_size": 64, "p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "throughput": 64e3 / ms,
              "runs": 10} for v, ms in (("onnx-fp32", fp32_ms), ("onnx-int8", int8_ms))]
-    from resnet_edge.bench_report import ratios
+    from resnet_edge.bench.report import ratios
 
     variants = {v: {"file": f"/r/{v}.onnx", "bytes": 1000, "test_accuracy": 0.99, "cold_start_ms": 1.0,
                     "peak_rss_mb": 1.0, "model_rss_mb": 1.0, "device_memory_mb": None,
@@ -140,7 +140,7 @@ def _report(int8_ms, fp32_ms, *, provider="cpu", float_conv=0, dot=True, placeme
 
 
 def test_diagnoses_name_the_real_cause_of_a_slow_int8():
-    from resnet_edge.bench_report import diagnose
+    from resnet_edge.bench.report import diagnose
 
     assert diagnose(_report(1.0, 2.0)) == []  # INT8 faster: nothing to explain
     (note,) = diagnose(_report(2.0, 1.0, float_conv=6))
@@ -153,7 +153,7 @@ def test_diagnoses_name_the_real_cause_of_a_slow_int8():
 
 
 def test_markdown_report_holds_every_cell_and_the_recommendation():
-    from resnet_edge.bench_report import render_markdown
+    from resnet_edge.bench.report import render_markdown
 
     md = render_markdown(_report(1.0, 2.0))
     assert md.startswith("# resnet-edge bench: resnet8 on cpu") and "Test CPU" in md
@@ -168,7 +168,7 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def test_preprocessing_edge_cases(mnist):
-    from resnet_edge.preprocess import ImageError, image_to_pixels
+    from resnet_edge.inference.preprocess import ImageError, image_to_pixels
 
     digit = mnist.test_images[0]
     reference = image_to_pixels(_png(digit))

@@ -181,8 +181,8 @@ def test_unary_clients_are_served_by_the_streaming_handlers(server):
 
 
 def test_receive_slots_stay_within_the_byte_budget():
-    from resnet_edge.config import ServerConfig
-    from resnet_edge.serve_grpc import COPIES, receive_slots
+    from resnet_edge.core.config import ServerConfig
+    from resnet_edge.serving.grpc_front import COPIES, receive_slots
 
     for body, pending in ((8 * 2**20, 256 * 2**20), (100_000, 300_000), (2**20, 2**30)):
         config = ServerConfig(model_path="m.onnx", max_body_bytes=body, max_pending_bytes=pending)
@@ -198,9 +198,9 @@ import asyncio, gc, json, socket, sys, tracemalloc
 import grpc
 import numpy as np
 from google.protobuf.message import Message
-from resnet_edge.config import ServerConfig
-from resnet_edge.proto import SERVICE, messages
-from resnet_edge.serve import ServerState
+from resnet_edge.core.config import ServerConfig
+from resnet_edge.serving.proto import SERVICE, messages
+from resnet_edge.serving.server import ServerState
 from resnet_edge import serve_grpc
 
 SIZE = 4 * 2**20

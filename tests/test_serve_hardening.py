@@ -171,7 +171,7 @@ def test_image_bombs_are_refused_from_the_header_and_large_images_reduced(server
 
 
 def test_decode_reduces_before_any_float_conversion():
-    from resnet_edge.preprocess import WORK_SIDE, decode_image
+    from resnet_edge.inference.preprocess import WORK_SIDE, decode_image
 
     img = Image.new("L", (4000, 3000), 0)
     gray = decode_image(_png_bytes(img))
@@ -245,7 +245,7 @@ def test_rows_over_the_queue_and_large_requests_split(linear):
 
 
 def test_split_request_matches_unsplit_rows():
-    from resnet_edge.serve import DynamicBatcher
+    from resnet_edge.serving.server import DynamicBatcher
 
     class Echo:  # logits = the first pixel of each row
         def run(self, names, feeds):
@@ -267,7 +267,7 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
     """--max-queue bounds the rows the batcher really holds: a cancelled caller (a gRPC deadline, a dropped
     client) leaves its rows waiting for an instance until the batcher drops them, so they count until
     then; none leak."""
-    from resnet_edge.serve import Busy, DynamicBatcher
+    from resnet_edge.serving.server import Busy, DynamicBatcher
 
     class Slow:  # 0.2 s a batch
         def run(self, names, feeds):
@@ -305,7 +305,7 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
 def test_stop_ends_a_batcher_loop_that_swallowed_a_cancel():
     """asyncio.wait_for (Python < 3.12) can swallow a cancel that lands as queue.get() completes; the
     batcher's loop then waits for the next request, and stop() must still end it (it hung before)."""
-    from resnet_edge.serve import DynamicBatcher
+    from resnet_edge.serving.server import DynamicBatcher
 
     class Echo:
         def run(self, names, feeds):
@@ -366,7 +366,7 @@ def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instance
         await batcher.stop()
         return results
 
-    from resnet_edge.serve import DynamicBatcher
+    from resnet_edge.serving.server import DynamicBatcher
 
     results = asyncio.run(scenario())
     assert all(r.shape == (1, 10) and (r == i).all() for i, r in enumerate(results))
@@ -375,7 +375,7 @@ def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instance
 
 
 def test_a_running_batch_that_breaks_the_contract_stops_the_batcher():
-    from resnet_edge.serve import DynamicBatcher, RequestError
+    from resnet_edge.serving.server import DynamicBatcher, RequestError
 
     deaths = []
 
@@ -416,7 +416,7 @@ def _body_of(data, datatype="FP32", shape=(1, 784), **extra) -> bytes:
 def test_json_fast_path_refuses_what_the_checks_refuse(data, words):
     """Bodies without a true/false token take numpy's type inference; everything but int64/float64
     numbers still gets the worded 400."""
-    from resnet_edge.serve_v2 import RequestError, parse_http_request
+    from resnet_edge.serving.v2 import RequestError, parse_http_request
 
     body = _body_of(data)
     assert b"true" not in body and b"false" not in body
@@ -460,7 +460,7 @@ def test_ids_and_numbers_json_allows_but_strict_json_does_not(server):
 def test_booleans_in_a_utf16_or_utf32_body_are_400(encoding):
     """json reads UTF-16/32 bodies that orjson refuses; their true/false tokens are not UTF-8 bytes, so the
     numpy fast path must not be taken (it made [true, 0, ...] pixels 1 and 0)."""
-    from resnet_edge.serve_v2 import RequestError, parse_http_request
+    from resnet_edge.serving.v2 import RequestError, parse_http_request
 
     body = json.dumps(json.loads(_body_of([True] + [0] * 783, "UINT8"))).encode(encoding)
     with pytest.raises(RequestError) as info:
@@ -469,7 +469,7 @@ def test_booleans_in_a_utf16_or_utf32_body_are_400(encoding):
 
 
 def test_size_check_leaves_long_ids_and_deeply_indented_json_alone():
-    from resnet_edge.serve_v2 import check_json_size, parse_http_request
+    from resnet_edge.serving.v2 import check_json_size, parse_http_request
 
     long_id = _body_of([0] * 784, "UINT8", id="x" * 120_000)
     indented = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [8, 1, 28, 28],
@@ -481,7 +481,7 @@ def test_size_check_leaves_long_ids_and_deeply_indented_json_alone():
 
 
 def test_non_finite_logits_stay_nan_and_infinity_in_json():
-    from resnet_edge.serve_v2 import InferRequest, encode_http_response
+    from resnet_edge.serving.v2 import InferRequest, encode_http_response
 
     logits = np.array([[np.inf, -np.inf, np.nan] + [0.5] * 7], np.float32)
     body, _ = encode_http_response("m", InferRequest(np.zeros((1, 1, 28, 28), np.float32), [("logits", False)]), logits)
@@ -491,7 +491,7 @@ def test_non_finite_logits_stay_nan_and_infinity_in_json():
 
 def test_a_batch_that_fails_outside_onnx_runtime_answers_its_callers():
     """A bug of ours while delivering a batch stops the batcher; that batch's callers get 503 (they waited forever)."""
-    from resnet_edge.serve import DynamicBatcher, RequestError
+    from resnet_edge.serving.server import DynamicBatcher, RequestError
 
     class Echo:
         def run(self, names, feeds):
@@ -556,7 +556,7 @@ def test_fixed_batch_one_needs_max_batch_size_one(tmp_path):
 def test_wrong_row_count_marks_not_ready_and_the_process_exits_1(linear):
     """A batch answered with the wrong number of rows: callers get 503, ready 503, then exit status 1."""
     port = free_port()
-    code = ("import sys, numpy as np; import resnet_edge.serve as s; "
+    code = ("import sys, numpy as np; import resnet_edge.serving.server as s; "
             "s.DynamicBatcher._run = lambda self, b: np.zeros((len(b) + 1, 10), np.float32); "
             f"sys.argv = ['resnet-edge', 'serve', '--model', {str(linear)!r}, '--model-name', 'm', '--port', '{port}']; "
             "from resnet_edge.cli import app; app()")
@@ -583,7 +583,7 @@ def test_wrong_row_count_marks_not_ready_and_the_process_exits_1(linear):
 
 
 def test_model_exception_is_503_not_500():
-    from resnet_edge.serve import DynamicBatcher, RequestError
+    from resnet_edge.serving.server import DynamicBatcher, RequestError
 
     class Failing:
         def run(self, names, feeds):
@@ -602,7 +602,7 @@ def test_model_exception_is_503_not_500():
 
 def test_dead_batcher_fails_waiting_callers_and_new_ones():
     """If the batcher's task dies (anything outside its try), nobody waits forever."""
-    from resnet_edge.serve import DynamicBatcher, RequestError
+    from resnet_edge.serving.server import DynamicBatcher, RequestError
 
     deaths = []
 
@@ -628,8 +628,8 @@ def test_dead_batcher_fails_waiting_callers_and_new_ones():
 
 def test_io_binding_path_gives_the_same_logits_on_the_cpu(linear):
     """The IOBinding feed used on GPU providers, run on the CPU provider (ONNX Runtime binds host memory there too)."""
-    from resnet_edge.runtime import create_session
-    from resnet_edge.serve import DynamicBatcher
+    from resnet_edge.inference.runtime import create_session
+    from resnet_edge.serving.server import DynamicBatcher
 
     session = create_session(linear)
     x = np.random.default_rng(2).random((5, 1, 28, 28), dtype=np.float32)
@@ -779,8 +779,8 @@ def test_grpc_messages_are_bounded_by_the_byte_limits(small_server):
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    from resnet_edge.config import ServerConfig
-    from resnet_edge.serve_grpc import COPIES, max_rpcs, receive_slots
+    from resnet_edge.core.config import ServerConfig
+    from resnet_edge.serving.grpc_front import COPIES, max_rpcs, receive_slots
 
     _, address = small_server
     with grpc.insecure_channel(address) as channel:
@@ -833,7 +833,7 @@ def test_max_connections_one_serves_one_connection(linear):
 _PEAK = r"""
 import io, resource, sys
 from PIL import Image
-from resnet_edge.preprocess import decode_image
+from resnet_edge.inference.preprocess import decode_image
 img = Image.new("P", (4096, 4096), 0) if sys.argv[1] == "P" else Image.new("I;16", (4096, 4096), 0)
 img.paste(1 if sys.argv[1] == "P" else 60000, (1000, 1000, 3000, 3000))
 buf = io.BytesIO()
@@ -856,7 +856,7 @@ def test_wide_conversions_of_large_images_stay_within_the_decoded_limit(mode):
 
 @pytest.mark.parametrize("scale", [1.0, 255.0])
 def test_float_tiff_is_scaled_by_its_range(scale):
-    from resnet_edge.preprocess import decode_image
+    from resnet_edge.inference.preprocess import decode_image
 
     a = np.zeros((28, 28), np.float32)
     a[5:23, 12:16] = scale
@@ -898,8 +898,8 @@ def test_grpc_is_not_ready_as_soon_as_shutdown_starts(linear):
 def test_a_dead_parser_process_pool_is_shut_down():
     import concurrent.futures
 
-    from resnet_edge.config import ServerConfig
-    from resnet_edge.serve import PROCESS_BYTES, RequestError, ServerState
+    from resnet_edge.core.config import ServerConfig
+    from resnet_edge.serving.server import PROCESS_BYTES, RequestError, ServerState
 
     class Broken(concurrent.futures.Executor):
         shut = False
@@ -923,7 +923,7 @@ def test_a_response_leaves_in_one_write_and_nothing_is_lost_at_close():
     completes (flush), anything else by the end of the loop iteration, and what is pending before a close."""
     import asyncio
 
-    from resnet_edge.serve import _OneWrite
+    from resnet_edge.serving.server import _OneWrite
 
     class Transport:
         def __init__(self):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from helpers import free_port, start_server
 from resnet_edge.cli import app
-from resnet_edge.data import load_test_split
+from resnet_edge.core.mnist import load_test_split
 
 N_IMAGES = 1000
 BATCH = 50  # images per request: 20 requests per client mode
@@ -40,7 +40,7 @@ def predicted(model, tmp_path_factory):
     that predict's preprocessing makes of them (which the tensor clients send)."""
     from PIL import Image
 
-    from resnet_edge.preprocess import image_to_pixels
+    from resnet_edge.inference.preprocess import image_to_pixels
 
     images, _ = load_test_split()
     folder = tmp_path_factory.mktemp("digits")
@@ -220,8 +220,8 @@ def test_grpc_port_busy_is_one_line(model):
 def test_uint8_rows_become_the_model_input_per_batch_exactly_as_to_pixels():
     """UINT8 tensors stay uint8 until their batch runs (model_input, in the inference thread); the floats the
     model gets are bit for bit those of contract.to_pixels, and mixed batches keep their rows in order."""
-    from resnet_edge.contract import to_pixels
-    from resnet_edge.serve_v2 import model_input, parse_http_request
+    from resnet_edge.core.contract import to_pixels
+    from resnet_edge.serving.v2 import model_input, parse_http_request
 
     rng = np.random.default_rng(3)
     a, c = rng.integers(0, 256, (2, 784), dtype=np.uint8), rng.integers(0, 256, (3, 784), dtype=np.uint8)

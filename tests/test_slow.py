@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from resnet_edge.config import TrainConfig
-from resnet_edge.export import export_run
-from resnet_edge.train import train
+from resnet_edge.core.config import TrainConfig
+from resnet_edge.export.onnx_export import export_run
+from resnet_edge.training.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -100,7 +100,7 @@ def test_uvicorn_is_a_release_serve_was_tested_with():
 
     from uvicorn.protocols.http import httptools_impl
 
-    from resnet_edge.serve import UVICORN_INTERNALS, UVICORN_TESTED
+    from resnet_edge.serving.server import UVICORN_INTERNALS, UVICORN_TESTED
 
     version = importlib.metadata.version("uvicorn")
     major_minor = tuple(int(p) for p in version.split(".")[:2])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnet_edge.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from resnet_edge.config import TrainConfig
-from resnet_edge.train import TrainingError, train
+from resnet_edge.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from resnet_edge.core.config import TrainConfig
+from resnet_edge.training.train import TrainingError, train
 
 
 def _cfg(**kw):
@@ -94,7 +94,7 @@ def test_fast_recipe_runs_on_the_cpu_and_is_recorded(tmp_path):
     from typer.testing import CliRunner
 
     from resnet_edge.cli import app
-    from resnet_edge.config import TRAIN_RECIPES
+    from resnet_edge.core.config import TRAIN_RECIPES
 
     fast = TRAIN_RECIPES["fast"]
 

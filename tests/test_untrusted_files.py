@@ -68,8 +68,8 @@ def run_copy(trained_run, tmp_path):
 
 def _bench_json_of_this_machine(run, **recommendation):
     """A bench.json that `choose_model` consults: measured on this CPU and provider, on the run's files."""
-    from resnet_edge.files import file_sha256
-    from resnet_edge.machine import machine
+    from resnet_edge.core.files import file_sha256
+    from resnet_edge.core.machine import machine
 
     files = {n: file_sha256(run / n) for n in ("model.onnx", "model.int8.onnx")}
     rec = {"batch_size": 1, "variant": "onnx-int8", "why": "INT8 measured faster"}
@@ -175,7 +175,7 @@ def test_repository_version_folders_are_ascii_digits(tmp_path):
     repo = _repository(tmp_path, "resnet8", ["1", "\u00b2"], model)
     line = error_line(["serve", "--repository", repo, "--model-name", "resnet8"])
     assert "not a version number in ASCII digits" in line
-    from resnet_edge.variants import repository_models
+    from resnet_edge.inference.variants import repository_models
 
     shutil.rmtree(repo / "resnet8" / "\u00b2")
     (repo / "resnet8" / "02").mkdir()  # Triton skips a version with a leading zero: so do we
@@ -200,7 +200,7 @@ def test_labels_that_are_not_ten_short_names_are_not_served(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    from resnet_edge.names import check_labels
+    from resnet_edge.core.names import check_labels
 
     assert check_labels(json.dumps([f"digit {i}" for i in range(10)])) == [f"digit {i}" for i in range(10)]
     for bad in (json.dumps(list("0123456789x")), json.dumps([["0"]] * 10), json.dumps(["x" * 33] * 10),
@@ -231,7 +231,7 @@ def test_a_model_whose_output_is_not_ten_logits_is_refused_at_load(tmp_path):
 
 def test_every_batch_is_checked_too():
     """A model may answer the probe at load correctly and another batch wrongly: evaluate checks each batch."""
-    from resnet_edge.runtime import ModelFileError, evaluate_session
+    from resnet_edge.inference.runtime import ModelFileError, evaluate_session
 
     class Drifting:
         def run(self, outputs, feeds):
@@ -247,8 +247,8 @@ def test_every_batch_is_checked_too():
 # ------------------------------------------------------------------------------------------ request size
 def test_a_header_length_past_the_body_is_400_before_any_parser_starts():
     """audit-3 #13: a 13-byte body with Inference-Header-Content-Length 999999999999 spawned the parser process."""
-    from resnet_edge.config import ServerConfig
-    from resnet_edge.serve import RequestError, ServerState
+    from resnet_edge.core.config import ServerConfig
+    from resnet_edge.serving.server import RequestError, ServerState
 
     state = ServerState(ServerConfig(model_path="m.onnx"), {})
     with pytest.raises(RequestError) as info:
@@ -259,7 +259,7 @@ def test_a_header_length_past_the_body_is_400_before_any_parser_starts():
 
 def test_a_decoy_shape_cannot_raise_the_json_size_limit():
     """audit-3 #13: '"x": {"shape": [1024]}' let a 7.8 MB one-image request through to the parser."""
-    from resnet_edge.serve_v2 import RequestError, check_json_size
+    from resnet_edge.serving.v2 import RequestError, check_json_size
 
     doc = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784], "data": [0] * 784}],
            "pad": [0] * 1_000_000, "x": {"shape": [1024]}}
@@ -283,7 +283,7 @@ def _multipart(fields: int, files: int, boundary: str = "b" * 30) -> tuple[bytes
 
 def test_multipart_parts_are_capped_and_parsed_off_the_event_loop(tmp_path):
     """audit-3 #6: 1,000 fields and 1,000 files were parsed on the event loop (Starlette's form())."""
-    from resnet_edge.serve_v2 import MAX_MULTIPART_PARTS, RequestError, multipart_file
+    from resnet_edge.serving.v2 import MAX_MULTIPART_PARTS, RequestError, multipart_file
 
     body, content_type = _multipart(1000, 1000)
     with pytest.raises(RequestError, match=f"more than {MAX_MULTIPART_PARTS} parts"):
@@ -314,8 +314,8 @@ def test_multipart_parts_are_capped_and_parsed_off_the_event_loop(tmp_path):
 # ------------------------------------------------------------------------------------------ shutdown
 def test_the_parser_process_pool_is_waited_for_at_shutdown(tmp_path):
     """audit-3 #15: shut down with wait=False, its exit hook sometimes printed a traceback at SIGTERM."""
-    from resnet_edge.config import ServerConfig
-    from resnet_edge.serve import create_app
+    from resnet_edge.core.config import ServerConfig
+    from resnet_edge.serving.server import create_app
 
     class Recorder:
         waited = None

@@ -1,0 +1,218 @@
+"""`bench`: PyTorch eager against ONNX Runtime FP32 and INT8, measured honestly, and a recommendation.
+
+The sweep runs each cell (variant x batch size) in a fresh worker process (bench_worker.py), then
+gathers the cells, the per-variant facts (size, accuracy from export.json, cold start, memory, INT8
+convolutions left in float) and the recommendation per workload (variants.recommend). The report
+(ratios, diagnoses, Markdown, plot) is bench_report.py. ``--no-torch`` keeps torch out of the whole
+benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resnet_edge.bench.report import diagnose, ratios, write_reports  # noqa: F401  (write_reports: the CLI's entry)
+from resnet_edge.core.config import BenchConfig
+from resnet_edge.core.contract import CHECKPOINT, EXPORT_REPORT, FP16_MODEL, FP32_MODEL, INT8_MODEL, TRAIN_REPORT
+from resnet_edge.core.errors import UserError
+from resnet_edge.core.machine import machine
+from resnet_edge.core.providers import CPU
+from resnet_edge.inference.variants import recommend
+
+VARIANTS = ("torch", "onnx-fp32", "onnx-int8", "onnx-fp16")
+FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL, "onnx-fp16": FP16_MODEL}
+EXPORT_SECTIONS = {"onnx-fp32": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
+
+
+def _run_cell(variant: str, model: Path, config: BenchConfig, batch_size: int) -> dict[str, Any]:
+    args = {
+        "variant": variant,
+        "model": str(model),
+        "provider": config.provider,
+        "batch_size": batch_size,
+        "duration": config.duration,
+        "min_runs": config.min_runs,
+        "warmup": config.warmup,
+        "threads": config.threads,
+    }
+    env = dict(os.environ)
+    # glibc returns large blocks to the OS and maps them afresh (zeroed) on the next call unless these
+    # thresholds are raised; PyTorch eager at batch 256 then varied from 31 to 46 ms between otherwise
+    # identical processes. Every variant runs with them, so each reuses its memory as a server would.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_edge.bench.worker", json.dumps(args)], capture_output=True, text=True, env=env
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"benchmark worker for {variant} batch {batch_size} failed: {tail}")
+    row = json.loads(lines[-1])
+    if "error" in row:
+        raise UserError(row["error"])
+    return row
+
+
+UNSTABLE_SPREAD = 0.10  # a cell whose repeats' p50 spread exceeds 10 % of their median is flagged
+
+
+def combine_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's rows from its interleaved repeats -> one row: the median repeat's figures (by p50), each
+    repeat's p50, their range and spread, and whether the cell was unstable (spread over UNSTABLE_SPREAD)."""
+    ordered = sorted(repeats, key=lambda r: r["p50_ms"])
+    row = dict(ordered[len(ordered) // 2])
+    p50s = [r["p50_ms"] for r in repeats]
+    median = float(np.median(p50s))
+    spread = (max(p50s) - min(p50s)) / median if median > 0 else 0.0
+    row.update(
+        p50_ms=median,
+        throughput=row["batch_size"] / (median / 1e3),
+        repeats_p50_ms=p50s,
+        p50_range_ms=[min(p50s), max(p50s)],
+        p50_spread=spread,
+        unstable=len(p50s) > 1 and spread > UNSTABLE_SPREAD,
+        runs=sum(r["runs"] for r in repeats),
+    )
+    return row
+
+
+def run_bench(
+    run_dir: Path, config: BenchConfig, progress: Callable[[str, int], Callable[[int], None]] | None = None
+) -> dict[str, Any]:
+    """Measure every available variant of the run at every batch size; returns the bench.json content."""
+    from resnet_edge.core.files import file_sha256
+    from resnet_edge.inference.runtime import check_provider_available, create_session
+    from resnet_edge.inference.variants import check_same_checkpoint
+
+    check_provider_available(config.provider)
+    check_same_checkpoint(run_dir)
+    variants = [
+        v
+        for v in VARIANTS
+        if (v != "torch" or config.torch)
+        and (v != "onnx-fp16" or config.measures_fp16)
+        and (run_dir / FILES[v]).exists()
+    ]
+    if not any(v.startswith("onnx") for v in variants):
+        raise UserError(f"{run_dir}: no {FP32_MODEL} to benchmark (run `resnet-edge export --quantize` first)")
+    for v in variants:  # fail fast on a bad file, before minutes of measuring
+        if v != "torch":
+            create_session(run_dir / FILES[v], "cpu")
+    cells = [(v, bs) for v in variants for bs in config.batch_sizes]
+    advance = progress("benchmark", len(cells) * config.repeats) if progress else None
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in cells}
+    for repeat in range(config.repeats):  # interleaved: each repeat measures every cell, in alternating order,
+        for variant, bs in cells if repeat % 2 == 0 else cells[::-1]:  # so drift reaches every cell alike
+            measured[variant, bs].append(_run_cell(variant, run_dir / FILES[variant], config, bs))
+            if advance:
+                advance(1)
+    rows = [combine_repeats(measured[cell]) for cell in cells]
+    export = _read_json(run_dir / EXPORT_REPORT)
+    train = _read_json(run_dir / TRAIN_REPORT)
+    per_variant = {}
+    for v in variants:
+        cells = [r for r in rows if r["variant"] == v]
+        section = train if v == "torch" else (export or {}).get(EXPORT_SECTIONS[v])
+        acc = section.get("test_accuracy") if isinstance(section, dict) else None
+        acc = acc if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None  # reports may be edited
+        per_variant[v] = {
+            "file": str(run_dir / FILES[v]),
+            "bytes": (run_dir / FILES[v]).stat().st_size,
+            "test_accuracy": acc,
+            "cold_start_ms": float(np.median([c["cold_start_ms"] for c in cells])),
+            "peak_rss_mb": max(c["peak_rss_mb"] for c in cells),
+            "model_rss_mb": max(c["peak_rss_mb"] - c["rss_before_mb"] for c in cells),
+            "device_memory_mb": max((c["device_memory_mb"] or 0) for c in cells) or None,
+            "nodes_per_provider": next(
+                (c.get("nodes_per_provider") for c in cells if c.get("nodes_per_provider")), None
+            ),
+        }
+    arch = (train or export or {}).get("arch")
+    report = {
+        "run": str(run_dir),
+        "arch": arch if isinstance(arch, str) else None,
+        "provider": config.provider,
+        "settings": asdict(config),
+        "machine": machine(config.threads, include_torch=config.torch),
+        "rows": rows,
+        "variants": per_variant,
+        # what was measured, so a later choice can tell whether these figures are about the run's files
+        "files": {FILES[v]: file_sha256(run_dir / FILES[v]) for v in variants if v != "torch"},
+    }
+    report["ratios"] = ratios(rows)
+    if "onnx-int8" in variants:
+        from resnet_edge.core.int8 import cpu_problem
+        from resnet_edge.core.machine import cpu_info
+        from resnet_edge.inference.runtime import check_model_file
+
+        per_variant["onnx-int8"]["float_convolutions"] = float_convolutions(run_dir / FILES["onnx-int8"])
+        per_variant["onnx-int8"]["cpu_problem"] = cpu_problem(
+            check_model_file(run_dir / FILES["onnx-int8"]), cpu_info()
+        )
+    report["recommendation"] = recommend(rows, _eligibility(export, per_variant))
+    report["diagnoses"] = diagnose(report)
+    return report
+
+
+def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> dict[str, str | None]:
+    """None for a variant that may be recommended, else why not (accuracy guard, CPU it cannot run on)."""
+    out: dict[str, str | None] = {v: None for v in per_variant if v != "torch"}
+    if "onnx-int8" in out:
+
+        def number(*keys: str) -> float | None:  # export.json may have been edited: a wrong type reads as absent
+            value: Any = export
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        guard = number("settings", "quantization", "max_accuracy_drop")
+        drop = number("int8", "accuracy_drop_points")
+        if per_variant["onnx-int8"].get("cpu_problem"):
+            out["onnx-int8"] = "it would saturate on this CPU"
+        elif drop is None or guard is None:
+            out["onnx-int8"] = "no export.json accuracy figures for it"
+        elif drop > guard + 1e-9:
+            out["onnx-int8"] = f"it loses {drop:.2f} points, over the guard of {guard:g}"
+    if "onnx-fp16" in out and not (export or {}).get("fp16"):
+        out["onnx-fp16"] = "no export.json figures for it (made by another export?)"
+    return out
+
+
+def float_convolutions(int8_path: Path) -> dict[str, int] | None:
+    """After ONNX Runtime's CPU graph optimizations, how many convolutions run in int8 (QLinearConv)
+    and how many stay float Conv between DequantizeLinear and QuantizeLinear. None when the optimized
+    graph cannot be written to a temporary file (disk full, a file-size limit): a diagnosis, not a figure."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:  # the model itself loaded before measuring: a failure here is the write
+            ort.InferenceSession(str(int8_path), options, providers=[CPU])
+            graph = onnx.load(options.optimized_model_filepath).graph
+        except Exception:  # noqa: BLE001 - ONNX Runtime's error classes derive from Exception only
+            return None
+    ops = [n.op_type for n in graph.node]
+    float_conv = sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
+    return {"int8": sum(op in ("QLinearConv", "NhwcQLinearConv") for op in ops), "float": float_conv}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    from resnet_edge.core.files import read_report
+
+    report = read_report(path)
+    return report if isinstance(report, dict) else None

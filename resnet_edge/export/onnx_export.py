@@ -1,0 +1,388 @@
+"""PyTorch -> ONNX to the model contract, with the checks that prove the file is faithful.
+
+The contract (contract.py, docs/DESIGN.md): input ``pixels`` float32 [batch, 1, 28, 28] in [0, 1], normalization inside
+the graph; output ``logits`` float32 [batch, 10]; a dynamic batch dimension; metadata_props that
+describe the model. Every export is checked with onnx's full checker and against PyTorch on real test
+images at several batch sizes; a model that fails is never left on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from resnet_edge.core.contract import (
+    BATCH_DIM,
+    BENCH_JSON,
+    BENCH_MD,
+    BENCH_PNG,
+    DEPLOY_DIR,
+    EXPORT_REPORT,
+    FP16_MODEL,
+    FP32_MODEL,
+    INPUT_NAME,
+    INPUT_SHAPE,
+    INT8_MODEL,
+    LABELS,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    PACKAGE_MARKER,
+)
+from resnet_edge.core.errors import UserError
+from resnet_edge.core.files import atomic_path, write_json
+from resnet_edge.inference.runtime import create_session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+PARITY_BATCH_SIZES = (1, 7, 64)
+PARITY_ATOL = 1e-4
+
+
+class ParityError(UserError):
+    """The ONNX model does not reproduce PyTorch; the message gives shape and value failures apart."""
+
+
+@dataclass
+class ParityResult:
+    batch_size: int
+    max_abs_diff: float
+    top1_equal: bool
+    shape_ok: bool
+    expected_shape: list[int]
+    got_shape: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return self.shape_ok and self.top1_equal and self.max_abs_diff <= PARITY_ATOL
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every BatchNorm folded into the convolution before it
+    (torch.fx's Conv+BN fusion, which works on any traceable model, whatever its attribute names)."""
+    from torch.fx.experimental.optimization import fuse
+
+    folded = fuse(copy.deepcopy(model).eval())
+    remaining = [n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if remaining:
+        raise RuntimeError(f"BatchNorm layers left unfolded: {remaining}")
+    return folded
+
+
+def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Export with the maintained dynamo exporter and a dynamic batch dimension."""
+    # An example batch of 2: with 1 the exporter may specialize the batch dimension to a constant.
+    example = torch.rand(2, *INPUT_SHAPE)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                dynamic_shapes={"x": {0: batch}},
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                external_data=False,
+            )
+        except Exception as exc:
+            raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0][:200]}") from None
+    proto = program.model_proto
+    # The exporter names the batch dimension after the Dim; give it the contract's name.
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    return proto
+
+
+def check_parity(
+    model: nn.Module, onnx_path: Path, images: np.ndarray, batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES
+) -> list[ParityResult]:
+    """Run PyTorch and ONNX Runtime (CPU) on the same images at each batch size and compare."""
+    session = create_session(onnx_path, "cpu")
+    results = []
+    model = model.eval()
+    for bs in batch_sizes:
+        x = images[:bs]
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        shape_ok = got.shape == expected.shape
+        diff = float(np.abs(got - expected).max()) if shape_ok else float("inf")
+        top1 = bool(shape_ok and (got.argmax(1) == expected.argmax(1)).all())
+        results.append(ParityResult(bs, diff, top1, shape_ok, list(expected.shape), list(got.shape)))
+    return results
+
+
+def parity_failure_message(results: list[ParityResult]) -> str | None:
+    shape_fail = [r for r in results if not r.shape_ok]
+    value_fail = [r for r in results if r.shape_ok and not r.ok]
+    parts = []
+    if shape_fail:
+        parts.append(
+            "shape failures: "
+            + ", ".join(f"batch {r.batch_size}: expected {r.expected_shape}, got {r.got_shape}" for r in shape_fail)
+        )
+    if value_fail:
+        worst = max(value_fail, key=lambda r: r.max_abs_diff)
+        parts.append(
+            "value failures: "
+            + ", ".join(
+                f"batch {r.batch_size}: max |diff| {r.max_abs_diff:.3g}{'' if r.top1_equal else ', top-1 differs'}"
+                for r in value_fail
+            )
+            + f" (largest {worst.max_abs_diff:.3g}, tolerance {PARITY_ATOL:g})"
+        )
+    return "; ".join(parts) or None
+
+
+def metadata(
+    arch: str, checkpoint_sha256: str, test_accuracy: float | None, mean: float, std: float, versions: dict[str, str]
+) -> dict[str, str]:
+    return {
+        "labels": json.dumps(list(LABELS)),
+        "architecture": arch,
+        "input": json.dumps(
+            {
+                "name": INPUT_NAME,
+                "dtype": "float32",
+                "shape": [BATCH_DIM, *INPUT_SHAPE],
+                "range": [0.0, 1.0],
+                "layout": "NCHW",
+                "description": "grayscale intensities in [0, 1], white digit on black as in MNIST; "
+                "normalization is inside the graph",
+            }
+        ),
+        "output": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": [BATCH_DIM, NUM_CLASSES]}),
+        "normalization": json.dumps({"mean": mean, "std": std}),
+        "test_accuracy": "" if test_accuracy is None else f"{test_accuracy:.6f}",
+        "source_checkpoint_sha256": checkpoint_sha256,
+        "versions": json.dumps(versions),
+        "producer": "resnet-edge",
+    }
+
+
+def export_onnx(
+    model: nn.Module, out_path: Path, images: np.ndarray, meta: dict[str, str], opset: int = DEFAULT_OPSET
+) -> list[ParityResult]:
+    """Fold BatchNorm, export, check (full checker + parity against the unfolded model), then move
+    the file into place. On any failure nothing is left at ``out_path``'s place (an old file stays)."""
+    folded = fold_batchnorm(model)
+    proto = to_onnx(folded, opset)
+    onnx.helper.set_model_props(proto, meta)
+    with atomic_path(out_path) as tmp:
+        onnx.save(proto, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise UserError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0][:200]}") from None
+        results = check_parity(model, tmp, images)
+        message = parity_failure_message(results)
+        if message:
+            raise ParityError(f"ONNX model does not match PyTorch: {message}; no model was written")
+    return results
+
+
+BENCH_FILES = (BENCH_JSON, BENCH_MD, BENCH_PNG)
+
+
+def export_run(
+    run_dir: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    quantize: bool = False,
+    qconfig: Any = None,
+    progress: Any = None,
+    fp16: bool = False,
+) -> dict[str, Any]:
+    """The `export` stage: checkpoint.pt -> model.onnx (checked) [-> model.int8.onnx (guarded)]
+    [-> model.fp16.onnx (checked)] + export.json.
+
+    Everything is made in a staging folder inside the run and moved into place only when all of it
+    passed its checks: stale files of an earlier export (an INT8 model or export.json from another
+    checkpoint) are removed first, export.json goes last. A failed or interrupted export therefore
+    never leaves files from two checkpoints side by side.
+    """
+    import shutil
+    import tempfile
+
+    from resnet_edge.core.contract import CHECKPOINT
+    from resnet_edge.core.files import ensure_writable_dir, remove_stale_temporaries
+    from resnet_edge.training.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)  # a missing or bad checkpoint: one clear error, nothing made
+    ensure_writable_dir(run_dir)
+    remove_stale_temporaries(run_dir)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+        stage = Path(tmp)
+        report = _export_to(
+            stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress, fp16=fp16
+        )
+        # Every file of the previous export goes before any new one comes in (the report first: it vouches
+        # for the models; bench results measured other files). Stopped anywhere in between, the run holds
+        # a subset of one export, never files of two.
+        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_MODEL, FP16_MODEL, FP32_MODEL) if (run_dir / n).exists()]
+        report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
+        deploy = run_dir / DEPLOY_DIR
+        if deploy.is_dir() and not deploy.is_symlink() and (deploy / PACKAGE_MARKER).is_file():
+            report["removed_stale"].append(DEPLOY_DIR)  # `package` copies of the old models, in a folder it wrote
+        elif deploy.exists() or deploy.is_symlink():  # not ours to delete: kept, and said
+            report["kept_stale"] = [
+                f"{DEPLOY_DIR} (not written by `package`, or a link): its models are of an earlier export"
+            ]
+            log.warning(
+                "%s kept: not written by `resnet-edge package` (or a link); its models are of an earlier "
+                "export: run `resnet-edge package` again",
+                deploy,
+            )
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(stage / EXPORT_REPORT, report)
+        for name in stale:
+            (run_dir / name).unlink()
+        if DEPLOY_DIR in report["removed_stale"]:
+            shutil.rmtree(run_dir / DEPLOY_DIR)
+        for name in (FP32_MODEL, INT8_MODEL, FP16_MODEL, EXPORT_REPORT):
+            if (stage / name).exists():
+                os.replace(stage / name, run_dir / name)
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _check_scheme_measurable(name: str) -> None:
+    """A scheme that saturates on this CPU would be judged here by answers it does not give elsewhere."""
+    from resnet_edge.core.int8 import scheme
+    from resnet_edge.core.machine import cpu_info
+
+    cpu = cpu_info()
+    if scheme(name).requires_int8_dot_product and cpu.u8s8_saturates:
+        raise UserError(
+            f"--scheme {name} needs a CPU with VNNI/AMX (or ARM) to be measured faithfully; this CPU "
+            f"({cpu.model}) saturates on its 8-bit weights. Use the default --scheme portable"
+        )
+
+
+def _export_to(
+    stage: Path,
+    run_dir: Path,
+    ckpt: dict[str, Any],
+    *,
+    opset: int,
+    quantize: bool,
+    qconfig: Any,
+    progress: Any,
+    fp16: bool = False,
+) -> dict[str, Any]:
+    """Write model.onnx [and model.int8.onnx] into ``stage``; return export.json's content (paths final)."""
+    from resnet_edge.core.contract import CHECKPOINT, to_pixels
+    from resnet_edge.core.files import file_sha256
+    from resnet_edge.core.machine import machine, versions
+    from resnet_edge.core.mnist import load_dataset
+    from resnet_edge.export.quantize import QuantizationConfig, quantize_model
+    from resnet_edge.training.checkpoint import model_from_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt_path = run_dir / CHECKPOINT
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    config = ckpt["config"]
+    dataset = load_dataset(config.get("data_dir"))
+    test_pixels, test_labels = to_pixels(dataset.test_images), dataset.test_labels.astype(np.int64)
+    history = ckpt.get("history") or []
+    checkpoint_accuracy = history[-1]["test_accuracy"] if history else None
+    mean, std = float(model.normalize.mean.item()), float(model.normalize.std.item())
+    meta = metadata(
+        config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions(include_torch=True)
+    )
+    fp32_path = stage / FP32_MODEL
+    parity = export_onnx(model, fp32_path, test_pixels[: max(PARITY_BATCH_SIZES)], meta, opset)
+    log.info("wrote %s (%d bytes) in %.1f s", fp32_path, fp32_path.stat().st_size, time.perf_counter() - t0)
+    report: dict[str, Any] = {
+        "arch": config["arch"],
+        "checkpoint": {
+            "path": str(ckpt_path),
+            "sha256": meta["source_checkpoint_sha256"],
+            "test_accuracy": checkpoint_accuracy,
+        },
+        "fp32": {"path": str(run_dir / FP32_MODEL), "bytes": fp32_path.stat().st_size},
+        "parity": [
+            {"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal} for r in parity
+        ],
+        "parity_tolerance": PARITY_ATOL,
+        "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize, "fp16": fp16},
+        "versions": versions(include_torch=True),
+        # Accuracy figures below were measured with ONNX Runtime on this machine's CPU.
+        "evaluated_on": machine(gpu=False),
+    }
+    if quantize:
+        qconfig = qconfig or QuantizationConfig()
+        _check_scheme_measurable(qconfig.scheme)
+        int8_path = stage / INT8_MODEL
+        q = quantize_model(
+            fp32_path,
+            int8_path,
+            dataset.train_images,
+            test_pixels,
+            test_labels,
+            qconfig,
+            progress=progress,
+            metadata=meta,
+            train_labels=dataset.train_labels,
+        )
+        report["fp32"].update(test_accuracy=q.fp32_accuracy, images_per_second=q.fp32_images_per_second)
+        report["int8"] = {
+            "path": str(run_dir / INT8_MODEL),
+            "bytes": int8_path.stat().st_size,
+            "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
+            **{k: v for k, v in asdict(q).items() if not k.startswith("fp32_") and k != "calibration_images"},
+            "accuracy_holds": (
+                "on every CPU: no int8 kernel can saturate on its weights"
+                if q.saturation_free
+                else "only on x86 CPUs with VNNI/AMX and on ARM (int8 dot-product instructions)"
+            ),
+        }
+        report["settings"]["quantization"] = {
+            **asdict(qconfig),
+            "format": "QDQ",
+            "weight_type": "int8",
+            "calibration_images": q.calibration_images,
+        }
+    else:
+        from resnet_edge.inference.runtime import evaluate_session
+
+        fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels)
+        report["fp32"].update(test_accuracy=fp32.accuracy, images_per_second=fp32.images_per_second)
+    if fp16:
+        report["fp16"] = _export_fp16(fp32_path, stage / FP16_MODEL, run_dir, test_pixels, test_labels, meta)
+    return report
+
+
+def _export_fp16(
+    fp32_path: Path, fp16_path: Path, run_dir: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, str]
+) -> dict[str, Any]:
+    from resnet_edge.export import fp16
+
+    r = fp16.write_fp16(fp32_path, fp16_path, images, labels, meta)
+    return {
+        "path": str(run_dir / FP16_MODEL),
+        "bytes": fp16_path.stat().st_size,
+        "size_ratio": fp16_path.stat().st_size / fp32_path.stat().st_size,
+        **{k: v for k, v in asdict(r).items() if k != "fp32_accuracy"},
+        "guard": {"min_top1_agreement": fp16.MIN_TOP1_AGREEMENT, "max_accuracy_drop": fp16.MAX_ACCURACY_DROP},
+        "io_dtype": "float32",
+        "checked_on": "CPUExecutionProvider (slow in FP16; FP16 is for GPUs)",
+    }
