@@ -1,3 +1,3 @@
-from .cli import app
+from resnet_edge.cli import app
 
 app(prog_name="resnet-edge")

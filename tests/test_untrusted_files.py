@@ -132,7 +132,7 @@ def test_tables_are_never_cut_on_a_narrow_terminal():
 
     from rich.table import Table
 
-    from resnet_edge.cli import _TerminalConsole
+    from resnet_edge.cli.console import TerminalConsole as _TerminalConsole
 
     out = io.StringIO()
     narrow = _TerminalConsole(file=out, width=40)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from resnet_edge.core.contract import BENCH_JSON, BENCH_MD, BENCH_PNG
+from resnet_edge.core.contract import BENCH_FP16, BENCH_FP32, BENCH_INT8, BENCH_JSON, BENCH_MD, BENCH_PNG, TORCH
 from resnet_edge.core.machine import ISA_FLAGS
 from resnet_edge.core.providers import CPU, is_cpu_provider
 
@@ -16,11 +16,11 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for bs in sorted({r["batch_size"] for r in rows}):
         for num, den in (
-            ("onnx-fp32", "torch"),
-            ("onnx-int8", "torch"),
-            ("onnx-fp16", "torch"),
-            ("onnx-int8", "onnx-fp32"),
-            ("onnx-fp16", "onnx-fp32"),
+            (BENCH_FP32, TORCH),
+            (BENCH_INT8, TORCH),
+            (BENCH_FP16, TORCH),
+            (BENCH_INT8, BENCH_FP32),
+            (BENCH_FP16, BENCH_FP32),
         ):
             if (num, bs) in by and (den, bs) in by:
                 out.append(
@@ -39,9 +39,9 @@ def diagnose(report: dict[str, Any]) -> list[str]:
     """What a user needs to know when the numbers look wrong: INT8 slower than FP32, provider fallbacks."""
     notes = []
     isa, provider = report["machine"]["isa"], report["provider"]
-    conv = (report["variants"].get("onnx-int8") or {}).get("float_convolutions") or {}
+    conv = (report["variants"].get(BENCH_INT8) or {}).get("float_convolutions") or {}
     for r in report["ratios"]:
-        if r["variant"] == "onnx-int8" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
+        if r["variant"] == BENCH_INT8 and r["baseline"] == BENCH_FP32 and r["speedup_p50"] < 1.0:
             if not is_cpu_provider(provider):
                 cause = (
                     f"QDQ INT8 on {provider} without TensorRT: the quantized operators have no kernels there "
@@ -65,7 +65,7 @@ def diagnose(report: dict[str, Any]) -> list[str]:
                 cause = "the model is small enough that quantize/dequantize overhead outweighs the int8 math"
             notes.append(f"INT8 is {1 / r['speedup_p50']:.2f}x slower than FP32 at batch {r['batch_size']}: {cause}.")
     for r in report["ratios"]:
-        if r["variant"] == "onnx-fp16" and r["baseline"] == "onnx-fp32" and r["speedup_p50"] < 1.0:
+        if r["variant"] == BENCH_FP16 and r["baseline"] == BENCH_FP32 and r["speedup_p50"] < 1.0:
             cause = (
                 "ONNX Runtime's CPU provider has few tuned float16 kernels (its fast paths are float32 "
                 "and int8); FP16 is the GPU variant"
@@ -81,14 +81,14 @@ def diagnose(report: dict[str, Any]) -> list[str]:
         fallback = {k: n for k, n in placement.items() if k == CPU}
         if fallback and len(placement) > 1:
             notes.append(
-                f"{v}: {fallback['CPUExecutionProvider']} of {sum(placement.values())} nodes fell back to "
+                f"{v}: {fallback[CPU]} of {sum(placement.values())} nodes fell back to "
                 f"the CPU on {provider} ({placement})."
             )
     return notes
 
 
 # ------------------------------------------------------------------------------------------ rendering
-VARIANT_COLORS = {"torch": "tab:red", "onnx-fp32": "tab:blue", "onnx-int8": "tab:green", "onnx-fp16": "tab:purple"}
+VARIANT_COLORS = {TORCH: "tab:red", BENCH_FP32: "tab:blue", BENCH_INT8: "tab:green", BENCH_FP16: "tab:purple"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:

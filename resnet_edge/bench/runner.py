@@ -22,15 +22,25 @@ import numpy as np
 
 from resnet_edge.bench.report import diagnose, ratios, write_reports  # noqa: F401  (write_reports: the CLI's entry)
 from resnet_edge.core.config import BenchConfig
-from resnet_edge.core.contract import CHECKPOINT, EXPORT_REPORT, FP16_MODEL, FP32_MODEL, INT8_MODEL, TRAIN_REPORT
+from resnet_edge.core.contract import (
+    BENCH_FP16,
+    BENCH_INT8,
+    BENCH_VARIANTS,
+    CHECKPOINT,
+    EXPORT_REPORT,
+    FP32_MODEL,
+    TORCH,
+    TRAIN_REPORT,
+    VARIANT_TABLE,
+)
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.machine import machine
 from resnet_edge.core.providers import CPU
 from resnet_edge.inference.variants import recommend
 
-VARIANTS = ("torch", "onnx-fp32", "onnx-int8", "onnx-fp16")
-FILES = {"torch": CHECKPOINT, "onnx-fp32": FP32_MODEL, "onnx-int8": INT8_MODEL, "onnx-fp16": FP16_MODEL}
-EXPORT_SECTIONS = {"onnx-fp32": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
+VARIANTS = BENCH_VARIANTS
+FILES = {TORCH: CHECKPOINT, **{v.bench: v.file for v in VARIANT_TABLE.values()}}
+EXPORT_SECTIONS = {v.bench: v.key for v in VARIANT_TABLE.values()}
 
 
 def _run_cell(variant: str, model: Path, config: BenchConfig, batch_size: int) -> dict[str, Any]:
@@ -99,14 +109,12 @@ def run_bench(
     variants = [
         v
         for v in VARIANTS
-        if (v != "torch" or config.torch)
-        and (v != "onnx-fp16" or config.measures_fp16)
-        and (run_dir / FILES[v]).exists()
+        if (v != TORCH or config.torch) and (v != BENCH_FP16 or config.measures_fp16) and (run_dir / FILES[v]).exists()
     ]
     if not any(v.startswith("onnx") for v in variants):
         raise UserError(f"{run_dir}: no {FP32_MODEL} to benchmark (run `resnet-edge export --quantize` first)")
     for v in variants:  # fail fast on a bad file, before minutes of measuring
-        if v != "torch":
+        if v != TORCH:
             create_session(run_dir / FILES[v], "cpu")
     cells = [(v, bs) for v in variants for bs in config.batch_sizes]
     advance = progress("benchmark", len(cells) * config.repeats) if progress else None
@@ -122,7 +130,7 @@ def run_bench(
     per_variant = {}
     for v in variants:
         cells = [r for r in rows if r["variant"] == v]
-        section = train if v == "torch" else (export or {}).get(EXPORT_SECTIONS[v])
+        section = train if v == TORCH else (export or {}).get(EXPORT_SECTIONS[v])
         acc = section.get("test_accuracy") if isinstance(section, dict) else None
         acc = acc if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None  # reports may be edited
         per_variant[v] = {
@@ -147,18 +155,16 @@ def run_bench(
         "rows": rows,
         "variants": per_variant,
         # what was measured, so a later choice can tell whether these figures are about the run's files
-        "files": {FILES[v]: file_sha256(run_dir / FILES[v]) for v in variants if v != "torch"},
+        "files": {FILES[v]: file_sha256(run_dir / FILES[v]) for v in variants if v != TORCH},
     }
     report["ratios"] = ratios(rows)
-    if "onnx-int8" in variants:
+    if BENCH_INT8 in variants:
         from resnet_edge.core.int8 import cpu_problem
         from resnet_edge.core.machine import cpu_info
         from resnet_edge.inference.runtime import check_model_file
 
-        per_variant["onnx-int8"]["float_convolutions"] = float_convolutions(run_dir / FILES["onnx-int8"])
-        per_variant["onnx-int8"]["cpu_problem"] = cpu_problem(
-            check_model_file(run_dir / FILES["onnx-int8"]), cpu_info()
-        )
+        per_variant[BENCH_INT8]["float_convolutions"] = float_convolutions(run_dir / FILES[BENCH_INT8])
+        per_variant[BENCH_INT8]["cpu_problem"] = cpu_problem(check_model_file(run_dir / FILES[BENCH_INT8]), cpu_info())
     report["recommendation"] = recommend(rows, _eligibility(export, per_variant))
     report["diagnoses"] = diagnose(report)
     return report
@@ -166,8 +172,8 @@ def run_bench(
 
 def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> dict[str, str | None]:
     """None for a variant that may be recommended, else why not (accuracy guard, CPU it cannot run on)."""
-    out: dict[str, str | None] = {v: None for v in per_variant if v != "torch"}
-    if "onnx-int8" in out:
+    out: dict[str, str | None] = {v: None for v in per_variant if v != TORCH}
+    if BENCH_INT8 in out:
 
         def number(*keys: str) -> float | None:  # export.json may have been edited: a wrong type reads as absent
             value: Any = export
@@ -177,14 +183,14 @@ def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> 
 
         guard = number("settings", "quantization", "max_accuracy_drop")
         drop = number("int8", "accuracy_drop_points")
-        if per_variant["onnx-int8"].get("cpu_problem"):
-            out["onnx-int8"] = "it would saturate on this CPU"
+        if per_variant[BENCH_INT8].get("cpu_problem"):
+            out[BENCH_INT8] = "it would saturate on this CPU"
         elif drop is None or guard is None:
-            out["onnx-int8"] = "no export.json accuracy figures for it"
+            out[BENCH_INT8] = "no export.json accuracy figures for it"
         elif drop > guard + 1e-9:
-            out["onnx-int8"] = f"it loses {drop:.2f} points, over the guard of {guard:g}"
-    if "onnx-fp16" in out and not (export or {}).get("fp16"):
-        out["onnx-fp16"] = "no export.json figures for it (made by another export?)"
+            out[BENCH_INT8] = f"it loses {drop:.2f} points, over the guard of {guard:g}"
+    if BENCH_FP16 in out and not (export or {}).get("fp16"):
+        out[BENCH_FP16] = "no export.json figures for it (made by another export?)"
     return out
 
 

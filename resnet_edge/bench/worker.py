@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from resnet_edge.core.contract import TORCH
 from resnet_edge.core.errors import UserError
-from resnet_edge.core.providers import CPU
+from resnet_edge.core.providers import CPU, is_cpu_provider
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -115,7 +116,7 @@ def measure_cell(
     rss_before = _rss_mb()
     extra: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if variant == "torch":
+    if variant == TORCH:
         call, device_memory = _torch_call(model_path, provider, x, threads)
     else:
         call, device_memory, session = _onnx_call(model_path, provider, x, threads)
@@ -123,7 +124,7 @@ def measure_cell(
     call()
     cold_start = time.perf_counter() - t0
     samples = _time_loop(call, duration, min_runs, warmup)
-    if variant != "torch" and provider != "cpu":
+    if variant != TORCH and not is_cpu_provider(provider):
         extra["nodes_per_provider"] = _node_placement(model_path, provider, x, threads)
     stats = _percentiles(samples)
     return {

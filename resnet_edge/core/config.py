@@ -294,3 +294,21 @@ def check_resume_epochs(run_dir: Path, epochs: int) -> None:
             f"--resume continues the saved recipe of {saved} epochs (its learning-rate schedule is "
             f"fixed by it), not --epochs {epochs}; train a new run with --run DIR for {epochs} epochs"
         )
+
+
+def check_processes(config: TrainConfig, nproc: int, environ: dict[str, str] | None = None) -> None:
+    """--nproc against the global batch and against a torchrun launch."""
+    import os
+
+    environ = dict(os.environ) if environ is None else environ
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if config.batch_size % nproc:
+        raise UserError(
+            f"--batch-size {config.batch_size} is the global batch; "
+            f"it must divide evenly among --nproc {nproc} processes"
+        )
+    if nproc > 1 and "WORLD_SIZE" in environ:
+        raise UserError(
+            "--nproc starts its own processes; under torchrun leave it out (torchrun's --nproc-per-node says how many)"
+        )

@@ -80,7 +80,30 @@ BENCH_JSON = ARTIFACTS["bench_json"].name
 BENCH_MD = ARTIFACTS["bench_md"].name
 BENCH_PNG = ARTIFACTS["bench_png"].name
 DEPLOY_DIR = ARTIFACTS["deploy"].name
-MODEL_FILES = {"fp32": FP32_MODEL, "int8": INT8_MODEL, "fp16": FP16_MODEL}  # deployable variants
+
+
+# ------------------------------------------------------------------------------------------ variants
+@dataclass(frozen=True)
+class Variant:
+    """A deployable model of a run. The one table of variant names: --variant, export.json's section,
+    the run-folder file, bench.json's name, and the suffix of its model in a Triton repository."""
+
+    key: str  # --variant and export.json's section: fp32 | int8 | fp16
+    file: str  # in the run folder
+    bench: str  # bench.json's variant name
+    repository_suffix: str  # package writes <arch><suffix>/ into triton/
+    export_flag: str  # the `export` option that writes it
+
+
+VARIANT_TABLE = {
+    "fp32": Variant("fp32", FP32_MODEL, "onnx-fp32", "", ""),
+    "int8": Variant("int8", INT8_MODEL, "onnx-int8", "_int8", "--quantize"),
+    "fp16": Variant("fp16", FP16_MODEL, "onnx-fp16", "_fp16", "--fp16"),
+}
+TORCH = "torch"  # bench.json's name for the PyTorch checkpoint (eager)
+BENCH_FP32, BENCH_INT8, BENCH_FP16 = (VARIANT_TABLE[k].bench for k in ("fp32", "int8", "fp16"))
+BENCH_VARIANTS = (TORCH, BENCH_FP32, BENCH_INT8, BENCH_FP16)
+MODEL_FILES = {k: v.file for k, v in VARIANT_TABLE.items()}  # deployable variants
 # Inside deploy/ (written by `package`): a Triton repository, a KServe manifest, ORT-format models.
 TRITON_DIR = "triton"
 TRITON_CONFIG = "config.pbtxt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,26 @@ from typing import Any
 from resnet_edge.core.errors import UserError
 
 EXPORTED = Path("exported")
+
+# A test hook, never set in use: RESNET_EDGE_FAIL_AT_WRITE=N crashes the process at its Nth atomic write
+# (counted from 1 in each process), with the new content complete in the temporary file and before the
+# rename, as a crash at that moment would. "N" or "N:SIGKILL" kills it (a power loss: nothing is cleaned
+# up); "N:SIGINT" is Ctrl-C, "N:SIGTERM" a scheduler's stop. Tests use it to interrupt a stage exactly at
+# each of its writes, on any machine, however fast (tests/test_bad_inputs.py).
+FAIL_AT_WRITE_ENV = "RESNET_EDGE_FAIL_AT_WRITE"
+_writes_done = 0
+
+
+def _fault_point() -> None:
+    """The RESNET_EDGE_FAIL_AT_WRITE hook, called by each atomic write just before its rename."""
+    global _writes_done
+    _writes_done += 1
+    setting = os.environ.get(FAIL_AT_WRITE_ENV)
+    if not setting:
+        return
+    count, _, name = setting.partition(":")
+    if _writes_done == int(count):
+        signal.raise_signal(signal.Signals[name or "SIGKILL"])
 
 
 @contextlib.contextmanager
@@ -32,6 +53,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _fault_point()
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -96,6 +118,16 @@ def latest_run(base: Path = EXPORTED) -> Path | None:
 
     runs = [p.parent for p in base.glob(f"*/{TRAIN_REPORT}")]
     return max(runs, key=lambda p: (p / TRAIN_REPORT).stat().st_mtime, default=None)
+
+
+def resolve_run(run: Path | None, base: Path = EXPORTED) -> Path:
+    """--run DIR as given, else the run trained last under exported/."""
+    if run is not None:
+        return run
+    found = latest_run(base)
+    if found is None:
+        raise UserError("no run found under exported/ (train one with `resnet-edge train`, or pass --run DIR)")
+    return found
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[str]:

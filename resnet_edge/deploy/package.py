@@ -42,6 +42,7 @@ from resnet_edge.core.contract import (
     TRITON_CONFIG,
     TRITON_DIR,
     TRITON_MODEL_FILE,
+    VARIANT_TABLE,
 )
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.files import write_bytes
@@ -243,7 +244,7 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
     arch = props.get("architecture") or run_dir.resolve().name
     where = "the model's 'architecture' metadata" if props.get("architecture") else "the run folder's name"
     check_name(arch, where)  # it becomes folder names, config values and a Kubernetes name: refused, not cleaned
-    names = [arch if variant == "fp32" else f"{arch}_{variant}" for variant in models]
+    names = [arch + VARIANT_TABLE[variant].repository_suffix for variant in models]
     for name in names:
         check_name(name, f"the Triton model name made from {where}")
     out_dir, replace = _out_dir(run_dir, out_dir, names)
@@ -255,7 +256,7 @@ def package_run(run_dir: Path, out_dir: Path, config: PackageConfig) -> dict[str
             (json.dumps({"written_by": "resnet-edge package", "run": str(run_dir), "models": names}) + "\n").encode(),
         )
         for variant, path in models.items():
-            name = arch if variant == "fp32" else f"{arch}_{variant}"
+            name = arch + VARIANT_TABLE[variant].repository_suffix
             model_dir = stage / TRITON_DIR / name
             (model_dir / "1").mkdir(parents=True)
             shutil.copyfile(path, model_dir / "1" / REPOSITORY_MODEL)

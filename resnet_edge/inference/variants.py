@@ -19,12 +19,14 @@ from typing import Any
 
 from resnet_edge.core.config import VARIANTS
 from resnet_edge.core.contract import (
+    BENCH_FP32,
     BENCH_JSON,
     CHECKPOINT,
     EXPORT_REPORT,
     MODEL_FILES,
     TRITON_CONFIG,
     TRITON_MODEL_FILE,
+    VARIANT_TABLE,
 )
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.files import read_report
@@ -35,7 +37,8 @@ from resnet_edge.core.providers import is_cpu_provider, is_tensorrt_provider, pr
 log = logging.getLogger(__name__)
 
 FILES = MODEL_FILES  # variant -> file name in the run folder
-BENCH_NAMES = {"fp32": "onnx-fp32", "int8": "onnx-int8", "fp16": "onnx-fp16"}
+BENCH_NAMES = {k: v.bench for k, v in VARIANT_TABLE.items()}
+KEY_OF_BENCH = {v.bench: k for k, v in VARIANT_TABLE.items()}  # onnx-int8 -> int8
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuIn
 
     if not cpu.same_as(measured_on) or provider_name(str(report.get("provider"))) != provider_name(provider):
         return None
-    variant = {v: k for k, v in BENCH_NAMES.items()}.get(rec.get("variant"))
+    variant = KEY_OF_BENCH.get(rec.get("variant"))
     if variant is None or FILES[variant] not in benched:
         return None
     # Every file it measured must be the run's file now (a file it did not measure, say an FP16 model
@@ -137,7 +140,7 @@ def choose_model(
     cpu = cpu or cpu_info()
     if variant != "auto":
         if variant not in available:
-            flag = {"int8": " --quantize", "fp16": " --fp16"}.get(variant, "")
+            flag = f" {VARIANT_TABLE[variant].export_flag}" if VARIANT_TABLE[variant].export_flag else ""
             raise UserError(f"{run_dir}: no {FILES[variant]} (run `resnet-edge export{flag}` first)")
         return Choice(available[variant], variant, f"--variant {variant}")
     if len(available) == 1:
@@ -159,6 +162,39 @@ def choose_model(
             return Choice(available[candidate], candidate, reason)
     only = next(iter(available))
     return Choice(available[only], only, "the only model of the run this CPU can run as exported")
+
+
+def saturation_problem(path: Path, provider: str) -> str | None:
+    """Why this INT8 model would not give the accuracy measured at export on this CPU, if it would not."""
+    if not runs_int8_on_cpu(provider):
+        return None
+    from resnet_edge.core.int8 import cpu_problem
+    from resnet_edge.inference.runtime import check_model_file
+
+    return cpu_problem(check_model_file(path), cpu_info()) or None
+
+
+def select_model(
+    run: Path | None, model: Path | None, variant: str, workload: str, provider: str, refuse_saturating: bool = True
+) -> tuple[Choice, str | None]:
+    """--model PATH, else the run's variant chosen for this machine; with a warning to show, if any.
+
+    An INT8 model that would saturate on this CPU is refused by serve/predict (its answers would not be
+    the accuracy measured at export) and only warned about by eval/bench, which measure what happens.
+    """
+    from resnet_edge.core.files import resolve_run
+
+    if run is not None and model is not None:
+        raise UserError("give --run or --model, not both")
+    if model is not None and variant != "auto":
+        raise UserError("give --variant or --model, not both")
+    choice = (
+        Choice(model, "file", "") if model is not None else choose_model(resolve_run(run), variant, workload, provider)
+    )
+    problem = saturation_problem(choice.path, provider)
+    if problem and refuse_saturating:
+        raise UserError(f"{choice.path}: {problem}")
+    return choice, (f"{choice.path}: {problem}" if problem else None)
 
 
 def _rule(provider: str, cpu: CpuInfo, int8_saturates: Any) -> list[tuple[str, str]]:
@@ -211,17 +247,17 @@ def recommend(rows: list[dict[str, Any]], eligible: dict[str, str | None], min_m
 def _recommend_cell(
     cells: dict[str, dict[str, Any]], eligible: dict[str, str | None], bs: int, min_margin: float
 ) -> dict[str, Any] | None:
-    fp32 = cells.get("onnx-fp32")
-    low = {v: c for v, c in cells.items() if v != "onnx-fp32"}
+    fp32 = cells.get(BENCH_FP32)
+    low = {v: c for v, c in cells.items() if v != BENCH_FP32}
     if fp32 is None:
         fine = [v for v in low if eligible.get(v) is None]
         return {"variant": fine[0], "why": "the only ONNX variant measured"} if len(low) == 1 and fine else None
     entry: dict[str, Any] = {}
-    best, best_speedup, why_not, overlapped = "onnx-fp32", 1.0, [], False
+    best, best_speedup, why_not, overlapped = BENCH_FP32, 1.0, [], False
     for v, cell in sorted(low.items()):
-        label = v.removeprefix("onnx-").upper()
+        label = KEY_OF_BENCH[v].upper()
         speedup = fp32["p50_ms"] / cell["p50_ms"]
-        entry[f"{v.removeprefix('onnx-')}_vs_fp32"] = speedup
+        entry[f"{KEY_OF_BENCH[v]}_vs_fp32"] = speedup
         overlap = _ranges_overlap(cell, fp32)
         if eligible.get(v) is not None:
             why_not.append(f"{label} not eligible: {eligible[v]}")
@@ -239,11 +275,11 @@ def _recommend_cell(
             )
         elif speedup > best_speedup:
             best, best_speedup = v, speedup
-    if best == "onnx-fp32":
+    if best == BENCH_FP32:
         entry.update(variant=best, why="; ".join(why_not) or "the only ONNX variant measured")
         entry["decisive"] = not overlapped  # False: a faster variant's repeats overlapped FP32's
     else:
-        label = best.removeprefix("onnx-").upper()
+        label = KEY_OF_BENCH[best].upper()
         entry.update(variant=best, why=f"{label} {best_speedup:.2f}x faster than FP32 at batch {bs} (p50)")
     return entry
 
@@ -274,8 +310,8 @@ def choose_repository_model(
     if len(models) == 1:
         only = next(iter(models))
         return Choice(models[only], only, "the repository's only model")
-    int8 = [m for m in models if m.endswith("_int8")]
-    fp16 = [m for m in models if m.endswith("_fp16")]
+    int8 = [m for m in models if m.endswith(VARIANT_TABLE["int8"].repository_suffix)]
+    fp16 = [m for m in models if m.endswith(VARIANT_TABLE["fp16"].repository_suffix)]
     fp32 = [m for m in models if m not in int8 and m not in fp16]
     cpu = cpu or cpu_info()
     on_cpu = is_cpu_provider(provider)
@@ -285,6 +321,15 @@ def choose_repository_model(
         return Choice(models[fp16[0]], fp16[0], f"FP16 on a GPU provider ({provider}); --model-name chooses")
     pick = (fp32 or int8 or fp16)[0]
     return Choice(models[pick], pick, "FP32 on this CPU/provider by default; --model-name chooses")
+
+
+def select_repository_model(repository: Path, model_name: str | None, provider: str) -> Choice:
+    """choose_repository_model, refusing an INT8 model that would saturate on this CPU (as serve does)."""
+    choice = choose_repository_model(repository, model_name, provider)
+    problem = saturation_problem(choice.path, provider)
+    if problem:
+        raise UserError(f"{choice.path}: {problem}")
+    return choice
 
 
 def repository_models(repository: Path) -> dict[str, Path]:

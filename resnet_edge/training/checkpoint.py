@@ -83,3 +83,21 @@ def evaluate(
         correct += (logits.argmax(1) == labels[i : i + batch_size]).sum()
     model.train(was_training)
     return correct.item() / len(images)
+
+
+def evaluate_checkpoint_file(path: Path, data_dir: Path | None = None, batch_size: int = 500) -> dict[str, Any]:
+    """`eval` of a .pt checkpoint: test accuracy and images/s of the model in PyTorch on the CPU."""
+    import time
+
+    from resnet_edge.core.mnist import load_split
+
+    model = model_from_checkpoint(load_checkpoint(path), path)
+    test_images, test_labels = load_split(data_dir, "test")
+    images, labels = torch.from_numpy(test_images), torch.from_numpy(test_labels.astype("int64"))
+    t0 = time.perf_counter()
+    acc = evaluate(model, images, labels, batch_size=batch_size)
+    return {
+        "accuracy": acc,
+        "images_per_second": len(images) / (time.perf_counter() - t0),
+        "runtime": f"torch {torch.__version__} cpu",
+    }
