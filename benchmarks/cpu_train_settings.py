@@ -21,7 +21,7 @@ from resnet_edge.core.config import TrainConfig
 from resnet_edge.core.mnist import load_dataset
 from resnet_edge.training.batches import DeviceBatches
 from resnet_edge.training.models import create_model
-from resnet_edge.training.train import train_step
+from resnet_edge.training.session import train_step
 
 SETTINGS = {
     "fp32, channels_last": (None, torch.channels_last),

@@ -28,7 +28,7 @@ from resnet_edge.core.mnist import IDX_FILES, bundled_dir, load_dataset
 from resnet_edge.training.batches import DeviceBatches
 from resnet_edge.core.machine import cpu_info
 from resnet_edge.training.models import create_model
-from resnet_edge.training.train import TrainConfig, autocast_dtype, resolve_device, train_step
+from resnet_edge.training.session import TrainConfig, autocast_dtype, resolve_device, train_step
 
 
 def torchvision_root(tmp: Path) -> Path:

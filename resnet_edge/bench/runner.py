@@ -101,52 +101,14 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure every available variant of the run at every batch size; returns the bench.json content."""
     from resnet_edge.core.files import file_sha256
-    from resnet_edge.inference.runtime import check_provider_available, create_session
-    from resnet_edge.inference.variants import check_same_checkpoint
 
-    check_provider_available(config.provider)
-    check_same_checkpoint(run_dir)
-    variants = [
-        v
-        for v in VARIANTS
-        if (v != TORCH or config.torch) and (v != BENCH_FP16 or config.measures_fp16) and (run_dir / FILES[v]).exists()
-    ]
-    if not any(v.startswith("onnx") for v in variants):
-        raise UserError(f"{run_dir}: no {FP32_MODEL} to benchmark (run `resnet-edge export --quantize` first)")
-    for v in variants:  # fail fast on a bad file, before minutes of measuring
-        if v != TORCH:
-            create_session(run_dir / FILES[v], "cpu")
-    cells = [(v, bs) for v in variants for bs in config.batch_sizes]
-    advance = progress("benchmark", len(cells) * config.repeats) if progress else None
-    measured: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in cells}
-    for repeat in range(config.repeats):  # interleaved: each repeat measures every cell, in alternating order,
-        for variant, bs in cells if repeat % 2 == 0 else cells[::-1]:  # so drift reaches every cell alike
-            measured[variant, bs].append(_run_cell(variant, run_dir / FILES[variant], config, bs))
-            if advance:
-                advance(1)
-    rows = [combine_repeats(measured[cell]) for cell in cells]
+    variants = _variants_to_measure(run_dir, config)
+    rows = _measure(run_dir, config, variants, progress)
     export = _read_json(run_dir / EXPORT_REPORT)
     train = _read_json(run_dir / TRAIN_REPORT)
-    per_variant = {}
-    for v in variants:
-        cells = [r for r in rows if r["variant"] == v]
-        section = train if v == TORCH else (export or {}).get(EXPORT_SECTIONS[v])
-        acc = section.get("test_accuracy") if isinstance(section, dict) else None
-        acc = acc if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None  # reports may be edited
-        per_variant[v] = {
-            "file": str(run_dir / FILES[v]),
-            "bytes": (run_dir / FILES[v]).stat().st_size,
-            "test_accuracy": acc,
-            "cold_start_ms": float(np.median([c["cold_start_ms"] for c in cells])),
-            "peak_rss_mb": max(c["peak_rss_mb"] for c in cells),
-            "model_rss_mb": max(c["peak_rss_mb"] - c["rss_before_mb"] for c in cells),
-            "device_memory_mb": max((c["device_memory_mb"] or 0) for c in cells) or None,
-            "nodes_per_provider": next(
-                (c.get("nodes_per_provider") for c in cells if c.get("nodes_per_provider")), None
-            ),
-        }
+    per_variant = {v: _variant_summary(run_dir, v, rows, train, export) for v in variants}
     arch = (train or export or {}).get("arch")
-    report = {
+    report: dict[str, Any] = {
         "run": str(run_dir),
         "arch": arch if isinstance(arch, str) else None,
         "provider": config.provider,
@@ -168,6 +130,66 @@ def run_bench(
     report["recommendation"] = recommend(rows, _eligibility(export, per_variant))
     report["diagnoses"] = diagnose(report)
     return report
+
+
+def _variants_to_measure(run_dir: Path, config: BenchConfig) -> list[str]:
+    """The run's variants this bench measures; every model file opened once first (fail fast on a bad
+    file, before minutes of measuring)."""
+    from resnet_edge.inference.runtime import check_provider_available, create_session
+    from resnet_edge.inference.variants import check_same_checkpoint
+
+    check_provider_available(config.provider)
+    check_same_checkpoint(run_dir)
+    variants = [
+        v
+        for v in VARIANTS
+        if (v != TORCH or config.torch) and (v != BENCH_FP16 or config.measures_fp16) and (run_dir / FILES[v]).exists()
+    ]
+    if not any(v != TORCH for v in variants):
+        raise UserError(f"{run_dir}: no {FP32_MODEL} to benchmark (run `resnet-edge export --quantize` first)")
+    for v in variants:
+        if v != TORCH:
+            create_session(run_dir / FILES[v], "cpu")
+    return variants
+
+
+def _measure(
+    run_dir: Path,
+    config: BenchConfig,
+    variants: list[str],
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+) -> list[dict[str, Any]]:
+    """Every (variant, batch size) cell, --repeats times, interleaved: each repeat measures every cell, in
+    alternating order, so drift reaches every cell alike; a row per cell with its repeats combined."""
+    cells = [(v, bs) for v in variants for bs in config.batch_sizes]
+    advance = progress("benchmark", len(cells) * config.repeats) if progress else None
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in cells}
+    for repeat in range(config.repeats):
+        for variant, bs in cells if repeat % 2 == 0 else cells[::-1]:
+            measured[variant, bs].append(_run_cell(variant, run_dir / FILES[variant], config, bs))
+            if advance:
+                advance(1)
+    return [combine_repeats(measured[cell]) for cell in cells]
+
+
+def _variant_summary(
+    run_dir: Path, v: str, rows: list[dict[str, Any]], train: dict[str, Any] | None, export: dict[str, Any] | None
+) -> dict[str, Any]:
+    """bench.json's facts about one variant: file, size, the accuracy its report gives, start-up and memory."""
+    cells = [r for r in rows if r["variant"] == v]
+    section = train if v == TORCH else (export or {}).get(EXPORT_SECTIONS[v])
+    acc = section.get("test_accuracy") if isinstance(section, dict) else None
+    acc = acc if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None  # reports may be edited
+    return {
+        "file": str(run_dir / FILES[v]),
+        "bytes": (run_dir / FILES[v]).stat().st_size,
+        "test_accuracy": acc,
+        "cold_start_ms": float(np.median([c["cold_start_ms"] for c in cells])),
+        "peak_rss_mb": max(c["peak_rss_mb"] for c in cells),
+        "model_rss_mb": max(c["peak_rss_mb"] - c["rss_before_mb"] for c in cells),
+        "device_memory_mb": max((c["device_memory_mb"] or 0) for c in cells) or None,
+        "nodes_per_provider": next((c.get("nodes_per_provider") for c in cells if c.get("nodes_per_provider")), None),
+    }
 
 
 def _eligibility(export: dict[str, Any] | None, per_variant: dict[str, Any]) -> dict[str, str | None]:

@@ -41,7 +41,7 @@ def _time_loop(call: Callable[[], None], duration: float, min_runs: int, warmup:
     while n < warmup or time.perf_counter() < t_end:
         call()
         n += 1
-    samples = []
+    samples: list[float] = []
     t_end = time.perf_counter() + duration
     while len(samples) < min_runs or time.perf_counter() < t_end:
         t0 = time.perf_counter()

@@ -136,7 +136,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
     writer at a time, so whatever of these is there when a stage starts is dead. Returns their names."""
     import shutil
 
-    removed = []
+    removed: list[str] = []
     if not run_dir.is_dir():
         return removed
     for p in run_dir.iterdir():

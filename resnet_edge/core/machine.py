@@ -57,7 +57,7 @@ class CpuInfo:
 
     def same_as(self, other: dict[str, Any] | None) -> bool:
         """Whether a machine description written earlier (``machine()`` output) is this CPU."""
-        return bool(other) and other.get("cpu") == self.model and other.get("isa") == self.isa
+        return other is not None and other.get("cpu") == self.model and other.get("isa") == self.isa
 
     def describe(self) -> str:
         dot = "int8 dot product" if self.int8_dot_product else "no int8 dot-product instructions"
@@ -66,7 +66,7 @@ class CpuInfo:
 
 def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
     arch = platform.machine()
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         for line in cpuinfo_path.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")

@@ -140,7 +140,9 @@ def mnist_style(gray: np.ndarray) -> np.ndarray:
     scale = MNIST_BOX / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = (
-        np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((nw, nh), Image.LANCZOS), dtype=np.float32)
+        np.asarray(
+            Image.fromarray((crop * 255).astype(np.uint8)).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.float32
+        )
         / 255.0
     )
     total = resized.sum()

@@ -94,9 +94,11 @@ def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuIn
     """(variant, reason) from the run's bench.json when it was measured here, on the files the run holds
     now; None otherwise (no report, another machine or provider, other files, a malformed report)."""
     report = read_report(run_dir / BENCH_JSON)
+    if not isinstance(report, dict):
+        return None
     try:
-        rec = report["recommendation"][workload]  # type: ignore[index]
-        measured_on, benched = report["machine"], report.get("files") or {}  # type: ignore[index,union-attr]
+        rec: Any = report["recommendation"][workload]
+        measured_on, benched = report["machine"], report.get("files") or {}
     except (KeyError, TypeError, IndexError, AttributeError):
         return None
     if not (
@@ -112,7 +114,7 @@ def bench_recommendation(run_dir: Path, workload: str, provider: str, cpu: CpuIn
 
     if not cpu.same_as(measured_on) or provider_name(str(report.get("provider"))) != provider_name(provider):
         return None
-    variant = KEY_OF_BENCH.get(rec.get("variant"))
+    variant = KEY_OF_BENCH.get(rec["variant"])
     if variant is None or FILES[variant] not in benched:
         return None
     # Every file it measured must be the run's file now (a file it did not measure, say an FP16 model

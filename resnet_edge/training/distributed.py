@@ -165,10 +165,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = _SumOverRanks.apply(xf.sum((0, 2, 3))) / count
         centred = xf - mean[None, :, None, None]
         var = _SumOverRanks.apply((centred * centred).sum((0, 2, 3))) / count
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * count / max(count - 1, 1), self.momentum)
+            # momentum None is BatchNorm's cumulative average: every batch so far weighs the same
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), factor)
+            self.running_var.lerp_(var.detach() * count / max(count - 1, 1), factor)
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         return (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
 

@@ -34,6 +34,8 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
         super().__init__()
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", torch.tensor([mean]).view(1, 1, 1, 1))
         self.register_buffer("std", torch.tensor([std]).view(1, 1, 1, 1))
 
@@ -162,7 +164,7 @@ class ModelSpec:
     family: str  # "compact" (28x28-native) or "imagenet"
 
 
-_BUILDERS = {
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet8,
     "resnet14": resnet14,
     "resnet20": resnet20,
@@ -179,8 +181,10 @@ MODELS: dict[str, ModelSpec] = {name: ModelSpec(_BUILDERS[name], family) for nam
 def create_model(name: str, *, mean: float = MNIST_MEAN, std: float = MNIST_STD, **kwargs) -> nn.Module:
     """Build a model by name, with the input statistics in its Normalize layer."""
     model = MODELS[check_arch(name)].builder(**kwargs)
-    model.normalize.mean.fill_(mean)
-    model.normalize.std.fill_(std)
+    normalize = model.get_submodule("normalize")
+    assert isinstance(normalize, Normalize)
+    normalize.mean.fill_(mean)
+    normalize.std.fill_(std)
     return model
 
 
