@@ -210,7 +210,7 @@ def _torch_call(model_path: Path, provider: str, x: np.ndarray, threads: int | N
 
 
 def _worker_main() -> None:
-    """Entry of ``python -m resnet_edge.bench.runner``: one cell's JSON arguments on argv, its row on stdout."""
+    """Entry of ``python -m resnet_edge.bench.worker``: one cell's JSON arguments on argv, its row on stdout."""
     args = json.loads(sys.argv[1])
     try:
         row = measure_cell(
