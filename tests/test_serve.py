@@ -178,7 +178,7 @@ def test_concurrent_callers_each_get_their_own_answer(server, trained_run, test_
 def test_batcher_merges_waiting_requests_and_splits_answers_by_caller():
     import asyncio
 
-    from resnet_edge.serving.server import DynamicBatcher
+    from resnet_edge.serving.batcher import DynamicBatcher
 
     calls = []
 
@@ -249,7 +249,8 @@ def test_predict_cli_on_png_digits(tmp_path, trained_run, test_images):
 def test_full_queue_answers_503_and_the_rest_are_served():
     import asyncio
 
-    from resnet_edge.serving.server import DynamicBatcher, RequestError
+    from resnet_edge.serving.batcher import DynamicBatcher
+    from resnet_edge.serving.v2 import RequestError
 
     class SlowSession:  # stands in for ONNX Runtime: 0.2 s a batch, logits = row index
         def run(self, names, feeds):
@@ -279,7 +280,7 @@ def test_serving_and_predict_never_import_torch(trained_run, tmp_path):
     images, _ = load_test_split()
     png.write_bytes(_png(images[0, 0]))
     code = ("import sys; from pathlib import Path; from typer.testing import CliRunner; "
-            "from resnet_edge.cli import app; from resnet_edge.serving.server import ServerConfig, create_app; "
+            "from resnet_edge.cli import app; from resnet_edge.core.config import ServerConfig; from resnet_edge.serving.app import create_app; "
             f"create_app(ServerConfig(model_path=Path({str(run / 'model.int8.onnx')!r}), model_name='m')); "
             f"r = CliRunner().invoke(app, ['predict', {str(png)!r}, '--run', {str(run)!r}]); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
@@ -287,7 +288,8 @@ def test_serving_and_predict_never_import_torch(trained_run, tmp_path):
 
 
 def test_model_name_defaults_to_the_architecture(trained_run):
-    from resnet_edge.serving.server import ServerConfig, create_app
+    from resnet_edge.core.config import ServerConfig
+    from resnet_edge.serving.app import create_app
 
     run, _, _ = trained_run
     config = ServerConfig(model_path=run / "model.int8.onnx")

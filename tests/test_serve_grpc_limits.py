@@ -200,8 +200,8 @@ import numpy as np
 from google.protobuf.message import Message
 from resnet_edge.core.config import ServerConfig
 from resnet_edge.serving.proto import SERVICE, messages
-from resnet_edge.serving.server import ServerState
-from resnet_edge import serve_grpc
+from resnet_edge.serving.state import ServerState
+from resnet_edge.serving import grpc_front
 
 SIZE = 4 * 2**20
 
@@ -228,7 +228,7 @@ async def main():
     config = ServerConfig(model_path="m.onnx", model_name="m", grpc_port=port, max_body_bytes=2 * SIZE,
                           max_pending_bytes=8 * SIZE, client_timeout=5)
     state = ServerState(config, {})  # no batcher: not ready, a valid request is UNAVAILABLE once parsed
-    server = serve_grpc.GrpcServer(state)
+    server = grpc_front.GrpcServer(state)
     await server.start()
     rows = SIZE // 784
     cases = [("wrong size", body("m", 1, SIZE)), ("unknown model", body("x", rows, rows * 784)),
@@ -264,7 +264,7 @@ async def main():
             slots = [getattr(server, attribute, None) for attribute in ("infer_slots", "other_slots")]
             results[name] = {"code": code, "grown": grown, "held": held, "pending": state.pending_bytes,
                              "slots": [s._value if s is not None else None for s in slots],
-                             "all_slots": getattr(serve_grpc, "receive_slots", lambda c: None)(config)}
+                             "all_slots": grpc_front.receive_slots(config)}
         tracemalloc.stop()
         gc.enable()
     await server.stop()

@@ -245,7 +245,7 @@ def test_rows_over_the_queue_and_large_requests_split(linear):
 
 
 def test_split_request_matches_unsplit_rows():
-    from resnet_edge.serving.server import DynamicBatcher
+    from resnet_edge.serving.batcher import DynamicBatcher
 
     class Echo:  # logits = the first pixel of each row
         def run(self, names, feeds):
@@ -257,7 +257,7 @@ def test_split_request_matches_unsplit_rows():
         x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 28, 28), np.float32)
         out = await batcher.infer(x)
         await batcher.stop()
-        return out, batcher.batches
+        return out, batcher.served.batches
 
     out, batches = asyncio.run(scenario())
     assert out[:, 0].tolist() == list(range(10)) and batches == 4
@@ -267,7 +267,8 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
     """--max-queue bounds the rows the batcher really holds: a cancelled caller (a gRPC deadline, a dropped
     client) leaves its rows waiting for an instance until the batcher drops them, so they count until
     then; none leak."""
-    from resnet_edge.serving.server import Busy, DynamicBatcher
+    from resnet_edge.serving.batcher import DynamicBatcher
+    from resnet_edge.serving.v2 import Busy
 
     class Slow:  # 0.2 s a batch
         def run(self, names, feeds):
@@ -284,7 +285,7 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
         await asyncio.sleep(0.01)
         gone.cancel()
         await asyncio.sleep(0.01)
-        counted_after_cancel = batcher.pending_rows
+        counted_after_cancel = batcher.rows_held
         try:
             await batcher.infer(row)
             third = "accepted"
@@ -293,7 +294,7 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
         await running
         await asyncio.sleep(0.05)  # the cancelled row is dropped once an instance is free
         after = await batcher.infer(row)
-        left = batcher.pending_rows
+        left = batcher.rows_held
         await batcher.stop()
         return counted_after_cancel, third, after.shape, left
 
@@ -305,7 +306,7 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
 def test_stop_ends_a_batcher_loop_that_swallowed_a_cancel():
     """asyncio.wait_for (Python < 3.12) can swallow a cancel that lands as queue.get() completes; the
     batcher's loop then waits for the next request, and stop() must still end it (it hung before)."""
-    from resnet_edge.serving.server import DynamicBatcher
+    from resnet_edge.serving.batcher import DynamicBatcher
 
     class Echo:
         def run(self, names, feeds):
@@ -366,7 +367,7 @@ def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instance
         await batcher.stop()
         return results
 
-    from resnet_edge.serving.server import DynamicBatcher
+    from resnet_edge.serving.batcher import DynamicBatcher
 
     results = asyncio.run(scenario())
     assert all(r.shape == (1, 10) and (r == i).all() for i, r in enumerate(results))
@@ -375,7 +376,8 @@ def test_next_batch_gathers_while_one_runs_and_instances_bound_the_runs(instance
 
 
 def test_a_running_batch_that_breaks_the_contract_stops_the_batcher():
-    from resnet_edge.serving.server import DynamicBatcher, RequestError
+    from resnet_edge.serving.batcher import DynamicBatcher
+    from resnet_edge.serving.v2 import RequestError
 
     deaths = []
 
@@ -432,14 +434,14 @@ def test_json_fast_path_refuses_what_the_checks_refuse(data, words):
     ("UINT8", (1, 28, 28), lambda px: [[int(v) for v in px[r * 28:(r + 1) * 28]] for r in range(28)]),
 ])
 def test_json_fast_path_gives_the_pixels_of_the_checked_path(datatype, shape, make):
-    from resnet_edge import serve_v2
+    from resnet_edge.serving import v2
 
     px = np.random.default_rng(3).integers(0, 256, 784)
-    fast = serve_v2.parse_http_request(_body_of(make(px), datatype, shape))
+    fast = v2.parse_http_request(_body_of(make(px), datatype, shape))
     # the same body with a boolean elsewhere (the request id cannot hold one: a string that says so) takes the checks
-    slow = serve_v2.parse_http_request(_body_of(make(px), datatype, shape, id="true"))
+    slow = v2.parse_http_request(_body_of(make(px), datatype, shape, id="true"))
     assert np.array_equal(fast.pixels, slow.pixels) and fast.pixels.dtype == slow.pixels.dtype
-    model_input = serve_v2.model_input([fast.pixels])  # what the model gets (UINT8 rows are scaled per batch)
+    model_input = v2.model_input([fast.pixels])  # what the model gets (UINT8 rows are scaled per batch)
     assert model_input.dtype == np.float32 and np.allclose(model_input.reshape(-1), px / 255, atol=1e-6)
 
 
@@ -491,7 +493,8 @@ def test_non_finite_logits_stay_nan_and_infinity_in_json():
 
 def test_a_batch_that_fails_outside_onnx_runtime_answers_its_callers():
     """A bug of ours while delivering a batch stops the batcher; that batch's callers get 503 (they waited forever)."""
-    from resnet_edge.serving.server import DynamicBatcher, RequestError
+    from resnet_edge.serving.batcher import DynamicBatcher
+    from resnet_edge.serving.v2 import RequestError
 
     class Echo:
         def run(self, names, feeds):
@@ -556,8 +559,8 @@ def test_fixed_batch_one_needs_max_batch_size_one(tmp_path):
 def test_wrong_row_count_marks_not_ready_and_the_process_exits_1(linear):
     """A batch answered with the wrong number of rows: callers get 503, ready 503, then exit status 1."""
     port = free_port()
-    code = ("import sys, numpy as np; import resnet_edge.serving.server as s; "
-            "s.DynamicBatcher._run = lambda self, b: np.zeros((len(b) + 1, 10), np.float32); "
+    code = ("import sys, numpy as np; import resnet_edge.serving.batcher as b; "
+            "b.DynamicBatcher._run = lambda self, b: np.zeros((len(b) + 1, 10), np.float32); "
             f"sys.argv = ['resnet-edge', 'serve', '--model', {str(linear)!r}, '--model-name', 'm', '--port', '{port}']; "
             "from resnet_edge.cli import app; app()")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -583,7 +586,8 @@ def test_wrong_row_count_marks_not_ready_and_the_process_exits_1(linear):
 
 
 def test_model_exception_is_503_not_500():
-    from resnet_edge.serving.server import DynamicBatcher, RequestError
+    from resnet_edge.serving.batcher import DynamicBatcher
+    from resnet_edge.serving.v2 import RequestError
 
     class Failing:
         def run(self, names, feeds):
@@ -602,7 +606,8 @@ def test_model_exception_is_503_not_500():
 
 def test_dead_batcher_fails_waiting_callers_and_new_ones():
     """If the batcher's task dies (anything outside its try), nobody waits forever."""
-    from resnet_edge.serving.server import DynamicBatcher, RequestError
+    from resnet_edge.serving.batcher import DynamicBatcher
+    from resnet_edge.serving.v2 import RequestError
 
     deaths = []
 
@@ -629,7 +634,7 @@ def test_dead_batcher_fails_waiting_callers_and_new_ones():
 def test_io_binding_path_gives_the_same_logits_on_the_cpu(linear):
     """The IOBinding feed used on GPU providers, run on the CPU provider (ONNX Runtime binds host memory there too)."""
     from resnet_edge.inference.runtime import create_session
-    from resnet_edge.serving.server import DynamicBatcher
+    from resnet_edge.serving.batcher import DynamicBatcher
 
     session = create_session(linear)
     x = np.random.default_rng(2).random((5, 1, 28, 28), dtype=np.float32)
@@ -899,7 +904,8 @@ def test_a_dead_parser_process_pool_is_shut_down():
     import concurrent.futures
 
     from resnet_edge.core.config import ServerConfig
-    from resnet_edge.serving.server import PROCESS_BYTES, RequestError, ServerState
+    from resnet_edge.serving.state import PROCESS_BYTES, ServerState
+    from resnet_edge.serving.v2 import RequestError
 
     class Broken(concurrent.futures.Executor):
         shut = False
@@ -919,11 +925,11 @@ def test_a_dead_parser_process_pool_is_shut_down():
 
 
 def test_a_response_leaves_in_one_write_and_nothing_is_lost_at_close():
-    """uvicorn writes a response's head and body separately; _OneWrite sends them together when the response
+    """uvicorn writes a response's head and body separately; OneWrite sends them together when the response
     completes (flush), anything else by the end of the loop iteration, and what is pending before a close."""
     import asyncio
 
-    from resnet_edge.serving.server import _OneWrite
+    from resnet_edge.serving.uvicorn_fence import OneWrite
 
     class Transport:
         def __init__(self):
@@ -945,7 +951,7 @@ def test_a_response_leaves_in_one_write_and_nothing_is_lost_at_close():
     async def scenario():
         loop = asyncio.get_running_loop()
         raw = Transport()
-        t = _OneWrite(raw, loop)
+        t = OneWrite(raw, loop)
         t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
         t.write(b"{}")
         assert raw.sent == [] and t.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's

@@ -248,7 +248,8 @@ def test_every_batch_is_checked_too():
 def test_a_header_length_past_the_body_is_400_before_any_parser_starts():
     """audit-3 #13: a 13-byte body with Inference-Header-Content-Length 999999999999 spawned the parser process."""
     from resnet_edge.core.config import ServerConfig
-    from resnet_edge.serving.server import RequestError, ServerState
+    from resnet_edge.serving.state import ServerState
+    from resnet_edge.serving.v2 import RequestError
 
     state = ServerState(ServerConfig(model_path="m.onnx"), {})
     with pytest.raises(RequestError) as info:
@@ -283,7 +284,8 @@ def _multipart(fields: int, files: int, boundary: str = "b" * 30) -> tuple[bytes
 
 def test_multipart_parts_are_capped_and_parsed_off_the_event_loop(tmp_path):
     """audit-3 #6: 1,000 fields and 1,000 files were parsed on the event loop (Starlette's form())."""
-    from resnet_edge.serving.v2 import MAX_MULTIPART_PARTS, RequestError, multipart_file
+    from resnet_edge.serving.multipart import MAX_MULTIPART_PARTS, multipart_file
+    from resnet_edge.serving.v2 import RequestError
 
     body, content_type = _multipart(1000, 1000)
     with pytest.raises(RequestError, match=f"more than {MAX_MULTIPART_PARTS} parts"):
@@ -315,7 +317,7 @@ def test_multipart_parts_are_capped_and_parsed_off_the_event_loop(tmp_path):
 def test_the_parser_process_pool_is_waited_for_at_shutdown(tmp_path):
     """audit-3 #15: shut down with wait=False, its exit hook sometimes printed a traceback at SIGTERM."""
     from resnet_edge.core.config import ServerConfig
-    from resnet_edge.serving.server import create_app
+    from resnet_edge.serving.app import create_app
 
     class Recorder:
         waited = None

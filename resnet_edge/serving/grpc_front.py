@@ -2,19 +2,19 @@
 grpc_predict_v2.proto) with grpcio, next to the HTTP server and sharing its batcher and its budgets.
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer (inputs as
-raw_input_contents or typed contents; outputs always as raw_output_contents, as Triton answers).
-The gRPC server (grpc.aio) runs on the HTTP server's event loop; requests get serve_v2's checks, the
-same as HTTP's, and go to the same batcher. Every method is registered as request-streaming (on the
-wire the same as unary, so unary clients are served unchanged): a handler starts before its message
-arrives, reads the one message itself within --client-timeout, and gets it as bytes, parsed in the
-request thread pool. ModelInfer messages are received a few at a time (receive_slots: what
---max-pending-bytes holds of --max-body-bytes messages, COPIES copies each; a call waits for a slot
-up to --client-timeout) and their bytes count against --max-pending-bytes, shared with HTTP, until
-the answer is built; the other methods read through slots of their own, so that inference never
-delays a health check. Errors are gRPC status codes: INVALID_ARGUMENT (a bad request), NOT_FOUND
-(model or version), RESOURCE_EXHAUSTED (queue or bytes full, message too large, no receive slot within
---client-timeout), UNAVAILABLE (not ready), DEADLINE_EXCEEDED (a client's own deadline, or a message
-that did not arrive within --client-timeout). No torch here.
+raw_input_contents or typed contents; outputs always as raw_output_contents, as Triton answers). The
+gRPC server (grpc.aio) runs on the HTTP server's event loop; requests get v2.py's checks, the same as
+HTTP's, and go to the same batcher. Every method is registered as request-streaming (on the wire the
+same as unary, so unary clients are served unchanged): a handler starts before its message arrives,
+reads the one message itself within --client-timeout, and gets it as bytes, parsed in the request thread
+pool (a message of at most 16 KiB, state.INLINE_BYTES, on the event loop). ModelInfer messages are
+received a few at a time (receive_slots: what --max-pending-bytes holds of --max-body-bytes messages,
+COPIES copies each; a call waits for a slot up to --client-timeout) and their bytes count against
+--max-pending-bytes, shared with HTTP, until the answer is built; the other methods read through slots
+of their own, so that inference never delays a health check. Errors are gRPC status codes:
+INVALID_ARGUMENT (a bad request), NOT_FOUND (model or version), RESOURCE_EXHAUSTED (queue or bytes full,
+message too large, no receive slot within --client-timeout), UNAVAILABLE (not ready), DEADLINE_EXCEEDED
+(a client's own deadline, or a message that did not arrive within --client-timeout). No torch here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 from resnet_edge.core.contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from resnet_edge.core.errors import UserError
 from resnet_edge.serving.proto import SERVICE, messages
+from resnet_edge.serving.state import ServerState
 from resnet_edge.serving.v2 import (
     OUTPUTS,
     Busy,
@@ -125,8 +126,9 @@ def check_model(name: str, version: str, served: str) -> None:
 
 
 def parse_model_infer(holder: list[bytes], served: str) -> InferRequest:
-    """A ModelInfer message's bytes (popped from ``holder``) -> checked pixels: in the request thread pool.
-    The bytes and the parsed message are gone when this returns or raises RequestError."""
+    """A ModelInfer message's bytes (popped from ``holder``) -> checked pixels: in the request thread pool
+    (on the event loop for a message of at most INLINE_BYTES). The bytes and the parsed message are gone
+    when this returns or raises RequestError."""
     request = parse_message(messages()["ModelInferRequest"], holder)
     try:
         check_model(request.model_name, request.model_version, served)
@@ -169,19 +171,21 @@ def receive_slots(config: Any) -> int:
 class GrpcServer:
     """GRPCInferenceService on --grpc-port, on the HTTP server's event loop (grpc.aio), sharing ``state``."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
         self.config = state.config
+        if self.config.model_name is None:
+            raise ValueError("GrpcServer needs the name of the model it serves (create_app sets it)")
+        self.model_name: str = self.config.model_name
         self.server: Any = None
-        self.infer_slots: asyncio.Semaphore | None = None  # receive slots of ModelInfer (made in start)
-        self.other_slots: asyncio.Semaphore | None = None  # and of the other methods: never delayed by inference
+        # receive slots of ModelInfer, and of the other methods (never delayed by inference)
+        self.infer_slots = asyncio.Semaphore(receive_slots(self.config))
+        self.other_slots = asyncio.Semaphore(receive_slots(self.config))
 
     async def start(self) -> None:
         """Open the port and serve; a port that cannot be opened is a UserError."""
         import grpc
 
-        self.infer_slots = asyncio.Semaphore(receive_slots(self.config))
-        self.other_slots = asyncio.Semaphore(receive_slots(self.config))
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.config.max_body_bytes),
@@ -306,7 +310,7 @@ class GrpcServer:
 
     async def _model_ready(self, cls: Any, context: Any) -> Any:
         request = await self._request(cls, context)
-        check_model(request.name, request.version, self.config.model_name)
+        check_model(request.name, request.version, self.model_name)
         return messages()["ModelReadyResponse"](ready=self.state.is_ready)
 
     async def _server_metadata(self, cls: Any, context: Any) -> Any:
@@ -315,11 +319,11 @@ class GrpcServer:
         await self._request(cls, context)
         return messages()["ServerMetadataResponse"](
             name="resnet-edge", version=__version__, extensions=[]
-        )  # both are HTTP-only here
+        )  # binary_tensor_data is HTTP's; gRPC has raw contents
 
     async def _model_metadata(self, cls: Any, context: Any) -> Any:
         request = await self._request(cls, context)
-        check_model(request.name, request.version, self.config.model_name)
+        check_model(request.name, request.version, self.model_name)
         meta = self.state.metadata
         response = messages()["ModelMetadataResponse"](
             name=meta["name"], versions=meta["versions"], platform=meta["platform"]
@@ -331,15 +335,16 @@ class GrpcServer:
 
     async def _model_infer(self, cls: Any, context: Any) -> Any:
         """Received in a slot, its bytes counted in the budget shared with HTTP (--max-pending-bytes) until
-        the answer is built; parsed in the request thread pool, the bytes dropped as soon as parsed."""
+        the answer is built; parsed as state.work places it, the bytes dropped as soon as parsed."""
         slots = self.infer_slots
         data = await self._receive(context, slots)
+        holder: list[bytes] | None = None
         try:
             size, holder = len(data), [data]
             del data
             self.state.take_bytes(size)  # Busy: RESOURCE_EXHAUSTED
             try:
-                parsed = await self.state.work(parse_model_infer, holder, self.config.model_name, size=size)
+                parsed = await self.state.work(parse_model_infer, holder, self.model_name, size=size)
             except BaseException:
                 self.state.give_bytes(size)
                 raise
@@ -348,6 +353,6 @@ class GrpcServer:
             slots.release()
         try:
             logits = await self.state.infer(parsed.pixels)
-            return grpc_infer_response(self.config.model_name, parsed, logits)
+            return grpc_infer_response(self.model_name, parsed, logits)
         finally:
             self.state.give_bytes(size)

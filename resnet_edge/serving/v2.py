@@ -1,14 +1,25 @@
 """Open Inference Protocol (KServe v2) messages for `serve`: JSON requests, the binary tensor data
 extension (Inference-Header-Content-Length, `binary_data_size`, `binary_data`, `binary_data_output`),
 and the checks every tensor passes before it reaches the model, whichever way it came (JSON, binary,
-gRPC). Pure functions without I/O: serve.py runs them off the event loop. No torch here.
+gRPC). Pure functions without I/O. No torch here.
+
+Where serve runs them (state.py, asgi.py, routes.py, grpc_front.py, batcher.py):
+- on the event loop, for every HTTP request: header_length / json_part_size and check_json_size;
+- parse_http_request: on the event loop for a body of at most 16 KiB (state.INLINE_BYTES: about one
+  image as JSON), in the request thread pool up to a JSON part of 1 MiB (state.PROCESS_BYTES), above that in
+  a worker process;
+- encode_http_response: on the event loop when the logits are at most 2 KiB (INLINE_BYTES / 8: up to 51
+  rows), else in the request thread pool;
+- gRPC's message parsing and checks (grpc_front.parse_model_infer, grpc_infer_request): on the event
+  loop for a message of at most 16 KiB, else in the thread pool; gRPC answers (grpc_infer_response,
+  with output_tensors): on the event loop;
+- model_input: in the batcher's inference thread, with the batch.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +44,10 @@ OUTPUTS = {
     OUTPUT_NAME: f"raw scores, FP32 [N, {NUM_CLASSES}]",
     PROBABILITIES: f"softmax of the logits, FP32 [N, {NUM_CLASSES}]",
 }
-DATATYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}  # what a client may send, little-endian
+DATATYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"),
+    "UINT8": np.dtype("u1"),
+}  # what a client may send, little-endian
 _SHAPES = ([*INPUT_SHAPE], [IMAGE_SIZE, IMAGE_SIZE], [IMAGE_PIXELS])  # after N
 ACCEPTED_SHAPES = ", ".join("[N, " + ", ".join(map(str, s)) + "]" for s in _SHAPES)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -153,6 +167,7 @@ def json_values(data: Any, booleans_possible: bool = True) -> np.ndarray:
             values = None
         if values is not None and values.dtype.kind in "if" and values.dtype.itemsize == 8:
             return values.reshape(-1)
+    flat: Any
     if data and isinstance(data[0], list):  # nested: numpy finds out whether it is even
         try:
             flat = np.asarray(data, dtype=object).reshape(-1)
@@ -234,6 +249,7 @@ def check_json_size(raw: bytes, json_size: int) -> None:
 
 
 def header_length(value: str | None, body_size: int) -> int | None:
+    """Inference-Header-Content-Length (None without one): a byte count within the body, else 400."""
     if value is None:
         return None
     if not ascii_count(value, 12) or int(value) > body_size:
@@ -241,6 +257,12 @@ def header_length(value: str | None, body_size: int) -> int | None:
             400, f"{HEADER_LENGTH} must be a byte count within the body of {body_size} bytes, got {_short(value)}"
         )
     return int(value)
+
+
+def json_part_size(header_value: str | None, body_size: int) -> int:
+    """The size of a body's JSON part: all of it, or Inference-Header-Content-Length (checked)."""
+    length = header_length(header_value, body_size)
+    return body_size if length is None else length
 
 
 def parse_http_request(raw: bytes, header_value: str | None = None) -> InferRequest:
@@ -350,84 +372,3 @@ def encode_http_response(model_name: str, request: InferRequest, logits: np.ndar
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
-
-
-# ------------------------------------------------------------------------------------------ /v1/predict
-MAX_MULTIPART_PARTS = 8  # /v1/predict needs one part, 'file'; a body of more is refused as soon as the count passes
-
-
-def multipart_file(raw: bytes, content_type: str) -> bytes:
-    """The 'file' part of a multipart/form-data body (read whole and size-checked before): parsed in the
-    request thread pool by python-multipart's streaming parser, which stops at the part over
-    MAX_MULTIPART_PARTS. 400 for a malformed body or one without a file part named 'file'."""
-    try:
-        from python_multipart.multipart import MultipartParser, parse_options_header
-    except ImportError:  # python-multipart before 0.0.13
-        from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
-
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a client's malformed body is its 400, not our log
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not boundary or len(boundary) > 200:
-        raise RequestError(400, "malformed multipart body: no boundary in its Content-Type")
-    found: dict[str, Any] = {"parts": 0, "names": [], "file": None, "ended": False}
-    part: dict[str, Any] = {}
-
-    def on_part_begin() -> None:
-        found["parts"] += 1
-        if found["parts"] > MAX_MULTIPART_PARTS:
-            raise RequestError(
-                400, f"multipart body of more than {MAX_MULTIPART_PARTS} parts; /v1/predict takes one, 'file'"
-            )
-        part.clear()
-        part.update(field=b"", value=b"", disposition=None, chunks=[])
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        part["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        part["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        if part["field"].lower() == b"content-disposition":
-            part["disposition"] = parse_options_header(part["value"])[1]
-        part["field"], part["value"] = b"", b""
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part["chunks"].append(data[start:end])
-
-    def on_part_end() -> None:
-        options = part.get("disposition") or {}
-        name = options.get(b"name", b"")
-        found["names"].append(name.decode("latin-1")[:40])
-        if name == b"file" and b"filename" in options and found["file"] is None:
-            found["file"] = b"".join(part["chunks"])
-        part["chunks"] = []
-
-    def on_end() -> None:
-        found["ended"] = True
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        },
-    )
-    try:
-        parser.write(raw)
-        parser.finalize()
-    except RequestError:
-        raise
-    except Exception:  # python-multipart's parse errors
-        raise RequestError(400, "malformed multipart body") from None
-    if not found["ended"]:
-        raise RequestError(400, "malformed multipart body: it does not end with its closing boundary")
-    if found["file"] is None:
-        raise RequestError(400, f"multipart body needs a file field named 'file', got fields {found['names'][:10]}")
-    return found["file"]

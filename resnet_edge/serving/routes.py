@@ -1,0 +1,187 @@
+"""The FastAPI routes of `serve`: server and model metadata, liveness and readiness, statistics, POST
+/v1/predict (one image file), and errors as {"error": message}. POST .../infer is answered by asgi.py;
+its route here serves other methods (405) and the FastAPI app mounted alone. No torch here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+
+from resnet_edge.core.contract import digit_prediction
+from resnet_edge.core.providers import is_cuda_device_provider
+from resnet_edge.inference.preprocess import ImageError, image_to_pixels
+from resnet_edge.serving.asgi import RequestBody, check_model, infer_response
+from resnet_edge.serving.multipart import multipart_file
+from resnet_edge.serving.state import ServerState
+from resnet_edge.serving.v2 import RequestError
+
+log = logging.getLogger(__name__)
+
+# Open Inference Protocol extensions this server implements as specified. /v2/models/{name}/stats answers
+# a schema of its own, not Triton's `statistics` extension, so that one is not advertised.
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def add_routes(app: Any, state: ServerState) -> None:
+    add_error_handlers(app)
+    add_health_routes(app, state)
+    add_stats_route(app, state)
+    add_inference_routes(app, state)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def add_error_handlers(app: Any) -> None:
+    """Every error a client can cause answers {"error": message} with its status."""
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:  # a bug of ours; the fuzz test hunts these
+        log.exception("unhandled error")
+        return _error(500, "internal server error")
+
+
+def _ready_response(state: ServerState, body: dict[str, Any]) -> Response:
+    return JSONResponse({**body, "ready": state.is_ready}, status_code=200 if state.is_ready else 503)
+
+
+def add_health_routes(app: Any, state: ServerState) -> None:
+    """Server and model metadata, liveness and readiness (Open Inference Protocol)."""
+    from resnet_edge import __version__
+
+    config = state.config
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "resnet-edge", "version": __version__, "extensions": EXTENSIONS}
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return _ready_response(state, {})
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def metadata(name: str, version: str = "1") -> dict[str, Any]:
+        check_model(config, name, version)
+        return state.metadata
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str = "1") -> Response:
+        check_model(config, name, version)
+        return _ready_response(state, {"name": name})
+
+
+def add_stats_route(app: Any, state: ServerState) -> None:
+    """/v2/models/{name}/stats: how much was served and how it was batched, in a schema of this server's
+    own (not Triton's statistics extension), and the process's memory."""
+
+    @app.get("/v2/models/{name}/stats")
+    async def stats(name: str) -> dict[str, Any]:
+        check_model(state.config, name)
+        b = state.batcher
+        counts = {}
+        if b is not None:
+            counts = {
+                "inference_count": b.served.rows,
+                "execution_count": b.served.batches,
+                "request_count": b.served.requests,
+                "pending_requests": b.callers_waiting,
+                "pending_rows": b.rows_held,
+            }
+        memory = await state.work(_memory_report, state.config.provider)
+        return {
+            "model_stats": [{"name": name, "version": "1", **counts}],
+            "server": {"pending_bytes": state.pending_bytes, **memory},
+        }
+
+
+def _memory_report(provider: str) -> dict[str, Any]:
+    """Resident memory of this process, and its GPU memory (nvidia-smi) on a CUDA or TensorRT provider."""
+    import psutil
+
+    report: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
+    if is_cuda_device_provider(provider):
+        report["gpu_memory_bytes"] = _gpu_memory_bytes()
+    return report
+
+
+def _gpu_memory_bytes() -> int | None:
+    """This process's GPU memory as nvidia-smi reports it; None when it cannot say."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=2,
+        ).stdout
+        used = [
+            int(m)
+            for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
+            if p.strip() == str(os.getpid())
+        ]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return sum(used) * 2**20 if used else None
+
+
+def add_inference_routes(app: Any, state: ServerState) -> None:
+    """POST /v2/models/{name}[/versions/1]/infer (tensors; InferenceApp answers POST itself, this route
+    answers other methods with 405 and serves the FastAPI app mounted alone) and /v1/predict (one image file)."""
+
+    async def infer(request: Request) -> Response:
+        status, body, extra = await infer_response(
+            state, request.headers, request.receive, request.path_params["name"], request.path_params.get("version")
+        )
+        return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in extra})
+
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        app.router.routes.insert(0, Route(path, infer, methods=["POST"]))
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        async with RequestBody(request.headers, request.receive, state) as raw:
+            # the multipart form, if any, and the image are both read in the request thread pool
+            pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
+            logits = await state.infer(pixels)
+        return digit_prediction(logits[0])
+
+
+def image_pixels(raw: bytes, content_type: str) -> np.ndarray:
+    """/v1/predict's body (an image, or a multipart form with the image as field 'file') -> the model's input."""
+    data = multipart_file(raw, content_type) if content_type.startswith("multipart/form-data") else raw
+    if not data:
+        raise RequestError(
+            400, "expected an image (PNG, JPEG, BMP, GIF, WebP, TIFF) as the body or as multipart field 'file'"
+        )
+    try:
+        return image_to_pixels(data)
+    except ImageError as exc:
+        raise RequestError(400, str(exc)) from None
