@@ -18,8 +18,8 @@ from resnet_edge.core.errors import UserError
 MNIST_BOX = 20  # MNIST fits each digit into a 20x20 box of the 28x28 image
 # What a photo or scan of a digit comes as; Pillow's other formats (EPS runs Ghostscript, ...) are refused.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
-MAX_SIDE = 4096  # refused above 4096 x 4096 pixels, from the header, before any decoding
-MAX_PIXELS = MAX_SIDE * MAX_SIDE
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # images of more pixels (width x height, any shape) are refused from the header
 MAX_DECODED_BYTES = 32 * 2**20  # and above 32 MiB decoded (JPEG: after its cheap 1/2-1/8 scaling): RGBA 2896x2896
 WORK_SIDE = 512  # decoded images are reduced to at most this side before any float conversion
 
@@ -37,7 +37,8 @@ def _opened(data: bytes):
     width, height = img.size
     if width * height > MAX_PIXELS or width < 1 or height < 1:
         raise ImageError(
-            f"image of {width}x{height} pixels is over the limit of {MAX_SIDE}x{MAX_SIDE} ({MAX_PIXELS:,} pixels)"
+            f"image of {width}x{height} = {width * height:,} pixels is over the limit of {MAX_PIXELS:,} pixels "
+            f"(the area of {MAX_SIDE}x{MAX_SIDE})"
         )
     img.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale when that is enough
     depth = 2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1
@@ -102,7 +103,9 @@ def decode_image(data: bytes) -> np.ndarray:
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"image is over the limit of {MAX_SIDE}x{MAX_SIDE} ({MAX_PIXELS:,} pixels)") from None
+        raise ImageError(
+            f"image is over the limit of {MAX_PIXELS:,} pixels (the area of {MAX_SIDE}x{MAX_SIDE})"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot decode the image (not one of {', '.join(FORMATS)})") from None
     except Exception as exc:  # a decoder's error on untrusted bytes (bad chunks, truncation, bombs): the file is bad
