@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU paths (shared/docs/GPU.md), as one script for a machine with NVIDIA GPUs. Steps, fastest and
+# The GPU paths (the project's GPU checklist, ../shared/docs/GPU.md beside the checkout), as one script for a machine with NVIDIA GPUs. Steps, fastest and
 # most wanted first; each writes its result file before the next starts, so a run cut short keeps them:
 #   fast      `train --recipe fast`, 3 seeds: time to 99.5 % (target: <= 10 s of training), compile apart
 #             (benchmarks/train_recipes.py -> train_recipes-fast.json; about 1-3 min on an H200)
@@ -67,7 +67,7 @@ want default && step train_recipes-default $PY benchmarks/train_recipes.py --dev
 if want ddp; then
   step train_ddp $PY benchmarks/train_ddp.py --device "$DEVICE" --nproc "$NPROC" --out "$R/train_ddp-$ARCH.json" -- --arch "$ARCH" \
     --epochs 4 --batch-size 256 --sync-bn $TINY
-  if [ "$NPROC" -ge 2 ]; then  # the torchrun command line itself, as the README gives it
+  if [ "$NPROC" -ge 2 ]; then  # the torchrun command line itself, as docs/training.md gives it
     step torchrun $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m resnet_edge.cli -- train \
       --device "$DEVICE" --arch "$ARCH" --epochs 1 --batch-size 256 --sync-bn --run "$R/torchrun-$ARCH" --quiet $TINY
     rm -f "$R/torchrun-$ARCH/checkpoint.pt"
