@@ -2,9 +2,9 @@
 
 Writes, from a run folder (torch-free), into one deployment folder (default ``<run>/deploy``):
 - ``triton/``, a Triton model repository: ``<name>/config.pbtxt``, ``<name>/1/model.onnx`` and ``<name>/labels.txt``
-  for every model of the run: FP32 (``<arch>``), INT8 (``<arch>_int8``), FP16 (``<arch>_fp16``); platform onnxruntime_onnx,
-  the dynamic batch as max_batch_size (dims without the batch dimension), dynamic batching with a
-  queue delay, an instance group for CPU or GPU, ONNX Runtime thread settings;
+  for every model of the run: FP32 (``<arch>``), INT8 (``<arch>_int8``), FP16 (``<arch>_fp16``);
+  platform onnxruntime_onnx, the dynamic batch as max_batch_size (dims without the batch dimension),
+  dynamic batching with a queue delay, an instance group for CPU or GPU, ONNX Runtime thread settings;
 - ``kserve.yaml``: a KServe InferenceService (protocol v2, model format onnx) for that repository
   (beside it, not in it: Triton takes every folder of a repository for a model);
 - ``ort/``: the models in ONNX Runtime's ORT format for minimal and mobile builds, with the
