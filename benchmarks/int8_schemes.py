@@ -25,11 +25,13 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from timing import p50_ms
 
 from resnet_edge.bench.runner import float_convolutions
+from resnet_edge.core.config import QuantizationConfig
 from resnet_edge.core.contract import to_pixels
 from resnet_edge.core.mnist import load_split
 from resnet_edge.core.int8 import SCHEMES
 from resnet_edge.core.machine import machine
-from resnet_edge.export.quantize import QuantizationConfig, _quantize, calibration_images
+from resnet_edge.export.calibration import calibration_images
+from resnet_edge.export.weights import _quantize
 from resnet_edge.inference.runtime import create_session, evaluate_session
 
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from helpers import error_line
 from resnet_edge.cli import app
 from resnet_edge.core.mnist import load_test_split
-from resnet_edge.export.quantize import AccuracyGuardError, QuantizationConfig, quantize_model
+from resnet_edge.export.int8_search import AccuracyGuardError
+from resnet_edge.export.quantize import QuantizationConfig, quantize_model
 from resnet_edge.inference.runtime import create_session
 from resnet_edge.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -101,7 +102,7 @@ def test_accuracy_guard_fails_clearly_when_int8_cannot_hold(tmp_path, trained_ru
 def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monkeypatch):
     """The fully quantized model is made to miss the guard on the test set: the next round keeps the
     worst-quantized tensors in float, is measured for real, and its model is the one written."""
-    import resnet_edge.export.quantize as q
+    import resnet_edge.export.int8_search as q
     from resnet_edge.core.contract import to_pixels
     from resnet_edge.core.mnist import load_dataset
 
@@ -214,7 +215,7 @@ def test_each_calibration_method_sets_its_own_ranges(tmp_path, mnist):
     --calibration-method entropy gave minmax's scales byte for byte. Each method must set other ranges."""
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    from resnet_edge.export.quantize import Calibration, _batches, activation_ranges, calibration_images
+    from resnet_edge.export.calibration import Calibration, _batches, activation_ranges, calibration_images
     from test_serve_hardening import linear_model
 
     model = linear_model(tmp_path / "m.onnx")
@@ -237,7 +238,7 @@ def test_each_calibration_method_sets_its_own_ranges(tmp_path, mnist):
 def test_search_keeps_a_quantized_candidate_before_any_float_fallback(tmp_path, trained_run, monkeypatch):
     """minmax is made to disagree with FP32 on the selection split: the search ranks it last and writes the
     best other candidate, checked alone on the test set, with no layer in float; every candidate is logged."""
-    import resnet_edge.export.quantize as q
+    import resnet_edge.export.int8_search as q
     from resnet_edge.core.mnist import load_dataset
 
     run, _, export = trained_run
@@ -281,7 +282,7 @@ def test_search_keeps_a_quantized_candidate_before_any_float_fallback(tmp_path, 
 
 
 def test_agreement_is_part_of_the_guard():
-    from resnet_edge.export.quantize import _holds
+    from resnet_edge.export.int8_search import _holds
 
     config = QuantizationConfig(max_accuracy_drop=0.1, min_agreement=99.0)
     assert _holds({"drop_points": 0.0, "agreement": 0.991}, config)
@@ -296,7 +297,8 @@ def test_bias_correction_keeps_the_contract_and_shifts_only_biases(tmp_path, tra
     from onnx import numpy_helper
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from resnet_edge.export.quantize import _quantize, bias_correction, calibration_images
+    from resnet_edge.export.calibration import calibration_images
+    from resnet_edge.export.weights import _quantize, bias_correction
     from resnet_edge.inference.runtime import check_contract, create_session
 
     run, _, _ = trained_run
@@ -321,7 +323,7 @@ def test_bias_correction_keeps_the_contract_and_shifts_only_biases(tmp_path, tra
 
 def test_selection_and_every_calibration_set_are_disjoint():
     """The search chooses on images no calibration saw, the larger calibration set included."""
-    from resnet_edge.export.quantize import calibration_images, selection_split
+    from resnet_edge.export.calibration import calibration_images, selection_split
 
     images = np.arange(3000, dtype=np.float32).reshape(3000, 1, 1, 1) * np.ones((1, 1, 28, 28), np.float32)
     config = QuantizationConfig(calibration_size=500, selection_size=2000)
@@ -340,7 +342,7 @@ def test_fallback_from_a_bias_corrected_candidate_keeps_float_layers_uncorrected
     is for rounded weights only (a review found fallback carried it into the float layers)."""
     from onnx import numpy_helper
 
-    import resnet_edge.export.quantize as q
+    import resnet_edge.export.int8_search as q
     from resnet_edge.core.mnist import load_dataset
 
     run, _, _ = trained_run

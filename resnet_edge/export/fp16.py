@@ -12,14 +12,14 @@ float16 kernels are correct but slow: FP16 pays off on GPUs (tensor cores), rare
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from resnet_edge.core.contract import INPUT_NAME, OUTPUT_NAME
+from resnet_edge.core.contract import FP16_MODEL, INPUT_NAME, OUTPUT_NAME
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.files import atomic_path
 
@@ -114,3 +114,19 @@ def _node_precision(proto: onnx.ModelProto) -> dict[str, Any]:
     compute = [n for n in inferred.graph.node if n.op_type != "Cast"]
     in_float32 = [n for n in compute if any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output)]
     return {"converted_nodes": len(compute) - len(in_float32), "float32_nodes": sorted({n.op_type for n in in_float32})}
+
+
+def export_fp16(
+    fp32_path: Path, fp16_path: Path, run_dir: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, str]
+) -> dict[str, Any]:
+    """model.fp16.onnx, written by write_fp16 into the staging folder; export.json's FP16 section (final path)."""
+    r = write_fp16(fp32_path, fp16_path, images, labels, meta)
+    return {
+        "path": str(run_dir / FP16_MODEL),
+        "bytes": fp16_path.stat().st_size,
+        "size_ratio": fp16_path.stat().st_size / fp32_path.stat().st_size,
+        **{k: v for k, v in asdict(r).items() if k != "fp32_accuracy"},
+        "guard": {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP},
+        "io_dtype": "float32",
+        "checked_on": "CPUExecutionProvider (slow in FP16; FP16 is for GPUs)",
+    }

@@ -1,9 +1,9 @@
 """PyTorch -> ONNX to the model contract, with the checks that prove the file is faithful.
 
-The contract (contract.py, docs/DESIGN.md): input ``pixels`` float32 [batch, 1, 28, 28] in [0, 1], normalization inside
-the graph; output ``logits`` float32 [batch, 10]; a dynamic batch dimension; metadata_props that
-describe the model. Every export is checked with onnx's full checker and against PyTorch on real test
-images at several batch sizes; a model that fails is never left on disk.
+The contract (core/contract.py, docs/DESIGN.md): input ``pixels`` float32 [batch, 1, 28, 28] in [0, 1],
+normalization inside the graph; output ``logits`` float32 [batch, 10]; a dynamic batch dimension;
+metadata_props that describe the model. Every export is checked with onnx's full checker and against
+PyTorch on real test images at several batch sizes; a model that fails is never left on disk.
 """
 
 from __future__ import annotations
@@ -11,23 +11,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from resnet_edge.core.config import QuantizationConfig
 from resnet_edge.core.contract import (
     BATCH_DIM,
-    BENCH_JSON,
-    BENCH_MD,
-    BENCH_PNG,
     DEPLOY_DIR,
     EXPORT_REPORT,
     FP16_MODEL,
@@ -38,11 +35,13 @@ from resnet_edge.core.contract import (
     LABELS,
     NUM_CLASSES,
     OUTPUT_NAME,
-    PACKAGE_MARKER,
 )
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.files import atomic_path, write_json
 from resnet_edge.inference.runtime import create_session
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
             )
         except Exception as exc:
             raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0][:200]}") from None
+    assert program is not None  # None only from the legacy exporter (dynamo=False)
     proto = program.model_proto
     # The exporter names the batch dimension after the Dim; give it the contract's name.
     for value in (*proto.graph.input, *proto.graph.output):
@@ -152,7 +152,12 @@ def parity_failure_message(results: list[ParityResult]) -> str | None:
 
 
 def metadata(
-    arch: str, checkpoint_sha256: str, test_accuracy: float | None, mean: float, std: float, versions: dict[str, str]
+    arch: str,
+    checkpoint_sha256: str,
+    test_accuracy: float | None,
+    mean: float,
+    std: float,
+    versions: dict[str, str | None],
 ) -> dict[str, str]:
     return {
         "labels": json.dumps(list(LABELS)),
@@ -198,15 +203,12 @@ def export_onnx(
     return results
 
 
-BENCH_FILES = (BENCH_JSON, BENCH_MD, BENCH_PNG)
-
-
 def export_run(
     run_dir: Path,
     *,
     opset: int = DEFAULT_OPSET,
     quantize: bool = False,
-    qconfig: Any = None,
+    qconfig: QuantizationConfig | None = None,
     progress: Any = None,
     fp16: bool = False,
 ) -> dict[str, Any]:
@@ -218,11 +220,11 @@ def export_run(
     checkpoint) are removed first, export.json goes last. A failed or interrupted export therefore
     never leaves files from two checkpoints side by side.
     """
-    import shutil
     import tempfile
 
     from resnet_edge.core.contract import CHECKPOINT
     from resnet_edge.core.files import ensure_writable_dir, remove_stale_temporaries
+    from resnet_edge.export.staging import move_into_place, stale_files
     from resnet_edge.training.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
@@ -234,47 +236,11 @@ def export_run(
         report = _export_to(
             stage, run_dir, ckpt, opset=opset, quantize=quantize, qconfig=qconfig, progress=progress, fp16=fp16
         )
-        # Every file of the previous export goes before any new one comes in (the report first: it vouches
-        # for the models; bench results measured other files). Stopped anywhere in between, the run holds
-        # a subset of one export, never files of two.
-        stale = [n for n in (EXPORT_REPORT, *BENCH_FILES, INT8_MODEL, FP16_MODEL, FP32_MODEL) if (run_dir / n).exists()]
-        report["removed_stale"] = [n for n in stale if not (stage / n).exists() and n != EXPORT_REPORT]
-        deploy = run_dir / DEPLOY_DIR
-        if deploy.is_dir() and not deploy.is_symlink() and (deploy / PACKAGE_MARKER).is_file():
-            report["removed_stale"].append(DEPLOY_DIR)  # `package` copies of the old models, in a folder it wrote
-        elif deploy.exists() or deploy.is_symlink():  # not ours to delete: kept, and said
-            report["kept_stale"] = [
-                f"{DEPLOY_DIR} (not written by `package`, or a link): its models are of an earlier export"
-            ]
-            log.warning(
-                "%s kept: not written by `resnet-edge package` (or a link); its models are of an earlier "
-                "export: run `resnet-edge package` again",
-                deploy,
-            )
+        stale = stale_files(run_dir, stage, report)
         report["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(stage / EXPORT_REPORT, report)
-        for name in stale:
-            (run_dir / name).unlink()
-        if DEPLOY_DIR in report["removed_stale"]:
-            shutil.rmtree(run_dir / DEPLOY_DIR)
-        for name in (FP32_MODEL, INT8_MODEL, FP16_MODEL, EXPORT_REPORT):
-            if (stage / name).exists():
-                os.replace(stage / name, run_dir / name)
-        shutil.rmtree(stage, ignore_errors=True)
+        move_into_place(stage, run_dir, stale, remove_deploy=DEPLOY_DIR in report["removed_stale"])
     return report
-
-
-def _check_scheme_measurable(name: str) -> None:
-    """A scheme that saturates on this CPU would be judged here by answers it does not give elsewhere."""
-    from resnet_edge.core.int8 import scheme
-    from resnet_edge.core.machine import cpu_info
-
-    cpu = cpu_info()
-    if scheme(name).requires_int8_dot_product and cpu.u8s8_saturates:
-        raise UserError(
-            f"--scheme {name} needs a CPU with VNNI/AMX (or ARM) to be measured faithfully; this CPU "
-            f"({cpu.model}) saturates on its 8-bit weights. Use the default --scheme portable"
-        )
 
 
 def _export_to(
@@ -284,77 +250,35 @@ def _export_to(
     *,
     opset: int,
     quantize: bool,
-    qconfig: Any,
+    qconfig: QuantizationConfig | None,
     progress: Any,
     fp16: bool = False,
 ) -> dict[str, Any]:
-    """Write model.onnx [and model.int8.onnx] into ``stage``; return export.json's content (paths final)."""
+    """Write model.onnx [, model.int8.onnx] [and model.fp16.onnx] into ``stage``; return export.json's
+    content (paths final)."""
     from resnet_edge.core.contract import CHECKPOINT, to_pixels
-    from resnet_edge.core.files import file_sha256
-    from resnet_edge.core.machine import machine, versions
     from resnet_edge.core.mnist import load_dataset
-    from resnet_edge.export.quantize import QuantizationConfig, quantize_model
     from resnet_edge.training.checkpoint import model_from_checkpoint
 
     t0 = time.perf_counter()
     ckpt_path = run_dir / CHECKPOINT
     model = model_from_checkpoint(ckpt, ckpt_path)
-    config = ckpt["config"]
-    dataset = load_dataset(config.get("data_dir"))
+    dataset = load_dataset(ckpt["config"].get("data_dir"))
     test_pixels, test_labels = to_pixels(dataset.test_images), dataset.test_labels.astype(np.int64)
-    history = ckpt.get("history") or []
-    checkpoint_accuracy = history[-1]["test_accuracy"] if history else None
-    mean, std = float(model.normalize.mean.item()), float(model.normalize.std.item())
-    meta = metadata(
-        config["arch"], file_sha256(ckpt_path), checkpoint_accuracy, mean, std, versions(include_torch=True)
-    )
+    meta = _model_metadata(model, ckpt, ckpt_path)
     fp32_path = stage / FP32_MODEL
     parity = export_onnx(model, fp32_path, test_pixels[: max(PARITY_BATCH_SIZES)], meta, opset)
     log.info("wrote %s (%d bytes) in %.1f s", fp32_path, fp32_path.stat().st_size, time.perf_counter() - t0)
-    report: dict[str, Any] = {
-        "arch": config["arch"],
-        "checkpoint": {
-            "path": str(ckpt_path),
-            "sha256": meta["source_checkpoint_sha256"],
-            "test_accuracy": checkpoint_accuracy,
-        },
-        "fp32": {"path": str(run_dir / FP32_MODEL), "bytes": fp32_path.stat().st_size},
-        "parity": [
-            {"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal} for r in parity
-        ],
-        "parity_tolerance": PARITY_ATOL,
-        "settings": {"opset": opset, "batchnorm_folded": True, "quantize": quantize, "fp16": fp16},
-        "versions": versions(include_torch=True),
-        # Accuracy figures below were measured with ONNX Runtime on this machine's CPU.
-        "evaluated_on": machine(gpu=False),
-    }
+    settings = {"opset": opset, "batchnorm_folded": True, "quantize": quantize, "fp16": fp16}
+    report = _report(run_dir, ckpt, meta, fp32_path, parity, settings)
     if quantize:
+        from resnet_edge.export.quantize import export_int8
+
         qconfig = qconfig or QuantizationConfig()
-        _check_scheme_measurable(qconfig.scheme)
-        int8_path = stage / INT8_MODEL
-        q = quantize_model(
-            fp32_path,
-            int8_path,
-            dataset.train_images,
-            test_pixels,
-            test_labels,
-            qconfig,
-            progress=progress,
-            metadata=meta,
-            train_labels=dataset.train_labels,
+        q, report["int8"] = export_int8(
+            fp32_path, stage / INT8_MODEL, run_dir, dataset, (test_pixels, test_labels), qconfig, progress, meta
         )
         report["fp32"].update(test_accuracy=q.fp32_accuracy, images_per_second=q.fp32_images_per_second)
-        report["int8"] = {
-            "path": str(run_dir / INT8_MODEL),
-            "bytes": int8_path.stat().st_size,
-            "size_ratio": int8_path.stat().st_size / fp32_path.stat().st_size,
-            **{k: v for k, v in asdict(q).items() if not k.startswith("fp32_") and k != "calibration_images"},
-            "accuracy_holds": (
-                "on every CPU: no int8 kernel can saturate on its weights"
-                if q.saturation_free
-                else "only on x86 CPUs with VNNI/AMX and on ARM (int8 dot-product instructions)"
-            ),
-        }
         report["settings"]["quantization"] = {
             **asdict(qconfig),
             "format": "QDQ",
@@ -367,22 +291,60 @@ def _export_to(
         fp32 = evaluate_session(create_session(fp32_path, "cpu"), test_pixels, test_labels)
         report["fp32"].update(test_accuracy=fp32.accuracy, images_per_second=fp32.images_per_second)
     if fp16:
-        report["fp16"] = _export_fp16(fp32_path, stage / FP16_MODEL, run_dir, test_pixels, test_labels, meta)
+        from resnet_edge.export.fp16 import export_fp16
+
+        report["fp16"] = export_fp16(fp32_path, stage / FP16_MODEL, run_dir, test_pixels, test_labels, meta)
     return report
 
 
-def _export_fp16(
-    fp32_path: Path, fp16_path: Path, run_dir: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, str]
-) -> dict[str, Any]:
-    from resnet_edge.export import fp16
+def _checkpoint_accuracy(ckpt: dict[str, Any]) -> float | None:
+    """The test accuracy of the checkpoint's last epoch, as training measured it (None without a history)."""
+    history = ckpt.get("history") or []
+    return history[-1]["test_accuracy"] if history else None
 
-    r = fp16.write_fp16(fp32_path, fp16_path, images, labels, meta)
+
+def _model_metadata(model: nn.Module, ckpt: dict[str, Any], ckpt_path: Path) -> dict[str, str]:
+    """The metadata_props of every model of this export."""
+    from resnet_edge.core.files import file_sha256
+    from resnet_edge.core.machine import versions
+
+    mean, std = float(model.get_buffer("normalize.mean").item()), float(model.get_buffer("normalize.std").item())
+    return metadata(
+        ckpt["config"]["arch"],
+        file_sha256(ckpt_path),
+        _checkpoint_accuracy(ckpt),
+        mean,
+        std,
+        versions(include_torch=True),
+    )
+
+
+def _report(
+    run_dir: Path,
+    ckpt: dict[str, Any],
+    meta: dict[str, str],
+    fp32_path: Path,
+    parity: list[ParityResult],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """export.json's content for the FP32 model; the INT8 and FP16 sections come after."""
+    from resnet_edge.core.contract import CHECKPOINT
+    from resnet_edge.core.machine import machine, versions
+
     return {
-        "path": str(run_dir / FP16_MODEL),
-        "bytes": fp16_path.stat().st_size,
-        "size_ratio": fp16_path.stat().st_size / fp32_path.stat().st_size,
-        **{k: v for k, v in asdict(r).items() if k != "fp32_accuracy"},
-        "guard": {"min_top1_agreement": fp16.MIN_TOP1_AGREEMENT, "max_accuracy_drop": fp16.MAX_ACCURACY_DROP},
-        "io_dtype": "float32",
-        "checked_on": "CPUExecutionProvider (slow in FP16; FP16 is for GPUs)",
+        "arch": ckpt["config"]["arch"],
+        "checkpoint": {
+            "path": str(run_dir / CHECKPOINT),
+            "sha256": meta["source_checkpoint_sha256"],
+            "test_accuracy": _checkpoint_accuracy(ckpt),
+        },
+        "fp32": {"path": str(run_dir / FP32_MODEL), "bytes": fp32_path.stat().st_size},
+        "parity": [
+            {"batch_size": r.batch_size, "max_abs_diff": r.max_abs_diff, "top1_equal": r.top1_equal} for r in parity
+        ],
+        "parity_tolerance": PARITY_ATOL,
+        "settings": settings,
+        "versions": versions(include_torch=True),
+        # Accuracy figures below were measured with ONNX Runtime on this machine's CPU.
+        "evaluated_on": machine(gpu=False),
     }
