@@ -375,3 +375,75 @@ def test_fallback_from_a_bias_corrected_candidate_keeps_float_layers_uncorrected
     assert float_biases, "no layer was kept in float"
     for name in float_biases:
         assert np.array_equal(inits[name], original[name]), f"{name}: a float layer's bias was corrected"
+
+
+def _qdq_pair(tmp_path, scales: dict[str, tuple[float, int]]):
+    """A float model pixels -> hidden = 20 * pixels - 5 -> logits = hidden / 2, and its QDQ twin with the
+    (scale, uint8 zero point) of ``scales`` on each of the three tensors, graph input included."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(nodes, inits):
+        return helper.make_model(
+            helper.make_graph(
+                nodes,
+                "g",
+                [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()],
+            ),
+            opset_imports=[helper.make_opsetid("", 17)],
+        )
+
+    consts = {"twenty": 20.0, "five": 5.0, "half": 0.5}
+    float_nodes = [
+        helper.make_node("Mul", ["pixels", "twenty"], ["scaled"]),
+        helper.make_node("Sub", ["scaled", "five"], ["hidden"]),
+        helper.make_node("Mul", ["hidden", "half"], ["logits"]),
+    ]
+    pre = tmp_path / "pre.onnx"
+    onnx.save(graph(float_nodes, consts), str(pre))
+    nodes, inits = [], dict(consts)
+    for name, (scale, _) in scales.items():  # x -> QuantizeLinear -> DequantizeLinear -> x_dq
+        inits[f"{name}_scale"] = scale
+        nodes += [
+            helper.make_node("QuantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_q"]),
+            helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [f"{name}_dq"]),
+        ]
+    q = graph(
+        [
+            *nodes[:2],
+            helper.make_node("Mul", ["pixels_dq", "twenty"], ["scaled"]),
+            helper.make_node("Sub", ["scaled", "five"], ["hidden"]),
+            *nodes[2:4],
+            helper.make_node("Mul", ["hidden_dq", "half"], ["logits"]),
+            *nodes[4:],  # logits_dq: what a consumer of the QDQ model's output would read
+        ],
+        inits,
+    )
+    # the zero points are uint8 initializers, as quantize_static writes them
+    q.graph.initializer.extend(numpy_helper.from_array(np.uint8(z), f"{n}_zero") for n, (_, z) in scales.items())
+    qdq = tmp_path / "qdq.onnx"
+    onnx.save(q, str(qdq))
+    onnx.checker.check_model(str(qdq), full_check=True)
+    return pre, qdq
+
+
+def test_sensitivity_ranking_puts_the_worst_quantized_tensor_first(tmp_path, mnist):
+    """hidden spans [-5, 15]: a range that clips it at 1 is by far its worst quantization and comes first,
+    the pixels' own 1/255 steps are exact on MNIST and come last."""
+    from resnet_edge.core.contract import to_pixels
+    from resnet_edge.export.sensitivity import sensitivity_ranking
+
+    images = to_pixels(mnist.test_images[:64])
+    # hidden's and the pixels' ranges are their exact spans; logits' [-2.5, 13.4] wastes a third of its levels
+    fine = {"pixels": (1 / 255, 0), "hidden": (20 / 255, 64), "logits": (16 / 255, 40)}
+    clipped = {**fine, "hidden": (6 / 255, 212)}  # [-5, 1]: every stroke pixel (up to 15) clips
+    ranking = sensitivity_ranking(*_qdq_pair(tmp_path, clipped), images)
+    assert [name for name, _ in ranking] == ["hidden", "logits", "pixels"], ranking
+    snr = dict(ranking)
+    assert snr["hidden"] < 15 < 30 < snr["logits"] < 100 < snr["pixels"]  # pixels: exact up to float rounding
+
+    # The graph input is ranked like any tensor: too narrow a range for the pixels puts them first.
+    narrow = {**fine, "pixels": (0.5 / 255, 0)}
+    ranking = sensitivity_ranking(*_qdq_pair(tmp_path, narrow), images)
+    assert [name for name, _ in ranking] == ["pixels", "logits", "hidden"], ranking
