@@ -60,7 +60,7 @@ def test_fp16_contract_is_float32_in_and_out_with_float16_weights(fp16_run):
 
 
 def test_fp16_that_fails_its_guard_is_never_written(trained_run, tmp_path, monkeypatch):
-    from resnet_edge import fp16
+    from resnet_edge.export import fp16
 
     run, _, _ = trained_run
     images, labels = load_test_split()
@@ -169,7 +169,7 @@ def test_a_cpu_bench_without_fp16_still_counts_for_a_run_with_fp16(fp16_run, tmp
 
 
 def test_a_saturating_int8_on_a_gpu_provider_still_gives_fp16(fp16_run, monkeypatch):
-    from resnet_edge import int8
+    from resnet_edge.core import int8
     from resnet_edge.core.machine import CpuInfo
     from resnet_edge.inference.variants import choose_model
 
@@ -195,7 +195,7 @@ def test_a_malformed_bench_json_is_ignored_not_a_traceback(fp16_run, tmp_path, b
 
 
 def test_a_run_without_fp32_chooses_among_what_it_has(fp16_run, tmp_path, monkeypatch):
-    from resnet_edge import int8
+    from resnet_edge.core import int8
     from resnet_edge.core.machine import CpuInfo
     from resnet_edge.inference.variants import choose_model
 
