@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import free_port, start_server
+from helpers import free_port, start_server, wait_until
 from resnet_edge.cli import app
 from resnet_edge.core.mnist import load_test_split
 
@@ -34,10 +33,10 @@ def test_images():
     return load_test_split()
 
 
-def _infer(url, pixels, datatype="FP32", shape=None, **body):
+def _infer(url, pixels, datatype="FP32", shape=None, client=httpx, **body):
     payload = {"inputs": [{"name": "pixels", "datatype": datatype, "shape": shape or list(pixels.shape),
                            "data": pixels.reshape(-1).tolist()}], **body}
-    return httpx.post(f"{url}/v2/models/digits/infer", json=payload, timeout=30)
+    return client.post(f"{url}/v2/models/digits/infer", json=payload, timeout=30)
 
 
 def test_health_and_metadata(server):
@@ -159,12 +158,13 @@ def test_concurrent_callers_each_get_their_own_answer(server, trained_run, test_
 
     def one(i):
         n = 1 + i % 3  # requests of 1, 2 and 3 rows, batched together
-        r = _infer(server, images[i:i + n])
+        r = _infer(server, images[i:i + n], client=client)
         assert r.status_code == 200, r.text
         return i, np.array(r.json()["outputs"][0]["data"]).reshape(n, 10)
 
     before = httpx.get(f"{server}/v2/models/digits/stats").json()["model_stats"][0]
-    with ThreadPoolExecutor(32) as pool:
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    with httpx.Client(limits=limits) as client, ThreadPoolExecutor(32) as pool:  # 32 connections, kept alive
         results = list(pool.map(one, range(90)))
     for i, got in results:
         assert np.abs(got - expected[i:i + len(got)]).max() < 1e-4, f"request {i} got another caller's rows"
@@ -214,10 +214,10 @@ def test_sigterm_finishes_in_flight_requests(trained_run, test_images):
 
     t = threading.Thread(target=slow)
     t.start()
-    deadline = time.time() + 30  # SIGTERM only once the server holds the request (no sleep-based bet)
-    while httpx.get(f"{url}/v2/models/digits/stats").json()["model_stats"][0]["pending_requests"] < 1:
-        assert time.time() < deadline and t.is_alive(), "the request never reached the batcher"
-        time.sleep(0.005)
+    # SIGTERM only once the server holds the request (no sleep-based bet)
+    wait_until(lambda: httpx.get(f"{url}/v2/models/digits/stats").json()["model_stats"][0]["pending_requests"] >= 1
+               or not t.is_alive(), "the request to reach the batcher")
+    assert t.is_alive(), "the request was answered before SIGTERM could arrive while it was in flight"
     proc.send_signal(signal.SIGTERM)
     t.join(30)
     assert proc.wait(timeout=30) == 0
@@ -252,16 +252,16 @@ def test_full_queue_answers_503_and_the_rest_are_served():
     from resnet_edge.serving.batcher import DynamicBatcher
     from resnet_edge.serving.v2 import RequestError
 
-    class SlowSession:  # stands in for ONNX Runtime: 0.2 s a batch, logits = row index
+    class EchoSession:  # stands in for ONNX Runtime: logits = row index
         def run(self, names, feeds):
-            time.sleep(0.2)
             x = feeds["pixels"]
             return [np.repeat(x[:, 0, 0, :1], 10, axis=1)]
 
     async def scenario():
-        batcher = DynamicBatcher(SlowSession(), max_batch_size=1, max_delay_ms=0, max_queue=2)
+        batcher = DynamicBatcher(EchoSession(), max_batch_size=1, max_delay_ms=0, max_queue=2)
         batcher.start()
         await asyncio.sleep(0)
+        # the six are admitted or refused before the batcher runs any of them: no batch frees a row meanwhile
         jobs = [batcher.infer(np.full((1, 1, 28, 28), i, np.float32)) for i in range(6)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         await batcher.stop()
