@@ -169,7 +169,7 @@ def test_concurrent_callers_each_get_their_own_answer(server, trained_run, test_
     for i, got in results:
         assert np.abs(got - expected[i:i + len(got)]).max() < 1e-4, f"request {i} got another caller's rows"
     after = httpx.get(f"{server}/v2/models/digits/stats").json()["model_stats"][0]
-    requests = after["request_count"] - before["request_count"]
+    requests = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
     calls = after["execution_count"] - before["execution_count"]
     assert requests == 90 and after["inference_count"] - before["inference_count"] == 180
     assert calls < requests, "no two requests were ever merged into one ONNX Runtime call"
@@ -215,7 +215,7 @@ def test_sigterm_finishes_in_flight_requests(trained_run, test_images):
     t = threading.Thread(target=slow)
     t.start()
     # SIGTERM only once the server holds the request (no sleep-based bet)
-    wait_until(lambda: httpx.get(f"{url}/v2/models/digits/stats").json()["model_stats"][0]["pending_requests"] >= 1
+    wait_until(lambda: httpx.get(f"{url}/v2/models/digits/stats").json()["server"]["pending_requests"] >= 1
                or not t.is_alive(), "the request to reach the batcher")
     assert t.is_alive(), "the request was answered before SIGTERM could arrive while it was in flight"
     proc.send_signal(signal.SIGTERM)

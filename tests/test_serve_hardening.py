@@ -327,7 +327,7 @@ def test_rows_over_the_queue_and_large_requests_split(linear):
     split, stats, over, ready = asyncio.run(scenario())
     assert split.status_code == 200 and split.json()["outputs"][0]["shape"] == [16, 10]
     assert stats["execution_count"] == 4 and stats["inference_count"] == 16  # 16 rows in 4 batches of 4
-    assert stats["request_count"] == 1  # one request, split in 4 batches
+    assert stats["inference_stats"]["success"]["count"] == 1  # one request, split in 4 batches
     assert over.status_code == 413 and "over the server's queue of 16" in over.json()["error"]
     assert ready.status_code == 200
 
@@ -675,7 +675,7 @@ def test_wrong_row_count_marks_not_ready_and_the_process_exits_1(linear):
     """A batch answered with the wrong number of rows: callers get 503, ready 503, then exit status 1."""
     port = free_port()
     code = ("import sys, numpy as np; import resnet_edge.serving.batcher as b; "
-            "b.DynamicBatcher._run = lambda self, b: np.zeros((len(b) + 1, 10), np.float32); "
+            "b.DynamicBatcher._run = lambda self, b: (np.zeros((len(b) + 1, 10), np.float32), 0, 0); "
             f"sys.argv = ['resnet-edge', 'serve', '--model', {str(linear)!r}, '--model-name', 'm', '--port', '{port}']; "
             "from resnet_edge.cli import app; app()")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -934,9 +934,12 @@ def test_grpc_answers_like_http_and_advertises_only_what_it_serves(small_server)
     body = _tensor([0] * 784, "UINT8", outputs=[{"name": "logits", "parameters": {"classification": 3}}])
     assert httpx.post(_infer_url(url), json=body, timeout=10).status_code == 400
     assert httpx.get(f"{url}/openapi.json", timeout=10).status_code == 404  # docs are off, and the schema too
-    # /stats answers a schema of its own, not Triton's statistics extension: only binary data is advertised
-    assert httpx.get(f"{url}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data"]
-    assert httpx.get(f"{url}/v2/models/m/stats", timeout=10).status_code == 200
+    # HTTP advertises the extensions it implements as Triton specifies them (tests/test_serve_metrics.py
+    # reads statistics and configuration with tritonclient); gRPC, which has neither call, advertises none
+    extensions = httpx.get(f"{url}/v2", timeout=10).json()["extensions"]
+    assert extensions == ["binary_tensor_data", "statistics", "model_configuration"]
+    stats = httpx.get(f"{url}/v2/models/m/stats", timeout=10).json()["model_stats"][0]
+    assert {"inference_stats", "batch_stats", "execution_count", "inference_count"} <= set(stats)
 
 
 def test_max_connections_one_serves_one_connection(linear):

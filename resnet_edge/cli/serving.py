@@ -54,6 +54,10 @@ MAX_CONNECTIONS = typer.Option(ServerConfig.max_connections, help="Connections a
 CLIENT_TIMEOUT = typer.Option(
     ServerConfig.client_timeout, help="Seconds a client has to send its headers, and its body."
 )
+METRICS_PORT = typer.Option(
+    ServerConfig.metrics_port,
+    help="Also serve /metrics (Prometheus) on this port, as Triton's :8002; 0: on --port only.",
+)
 GRPC_PORT = typer.Option(ServerConfig.grpc_port, help="Port of the gRPC GRPCInferenceService (KServe v2); 0: no gRPC.")
 
 
@@ -113,6 +117,7 @@ def serve_cli(
     max_connections: int = MAX_CONNECTIONS,
     client_timeout: float = CLIENT_TIMEOUT,
     grpc_port: int = GRPC_PORT,
+    metrics_port: int = METRICS_PORT,
 ) -> None:
     """Serve the model: Open Inference Protocol (KServe v2) over HTTP (JSON and binary tensors) and gRPC,
     and /v1/predict for image files."""
@@ -122,7 +127,7 @@ def serve_cli(
         model_name=model_name, provider=provider, threads=threads, instances=instances,
         max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
         max_pending_bytes=max_pending_bytes, max_connections=max_connections, client_timeout=client_timeout,
-        host=host, port=port, grpc_port=grpc_port,
+        host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
     )  # fmt: skip  # checked before any model is read
     _choose_served_model(config, run, model, variant, repository)
     serve(config, announce=_announce)
@@ -153,6 +158,7 @@ def _choose_served_model(
 
 def _announce(c: ServerConfig) -> None:
     grpc = f" and gRPC on {c.host}:{c.grpc_port}" if c.grpc_port else ""
+    grpc += f", /metrics also on {c.host}:{c.metrics_port}" if c.metrics_port else ""
     instances = f"{c.instances} instance{'s' if c.instances > 1 else ''}"
     note(
         f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name}{grpc} "

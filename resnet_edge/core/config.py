@@ -236,6 +236,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 0  # GRPCInferenceService; 0: no gRPC
+    metrics_port: int = 0  # /metrics on a port of its own too (as Triton's :8002); 0: on --port only
 
     def __post_init__(self) -> None:
         _at_least("--max-batch-size", self.max_batch_size, 1)
@@ -253,11 +254,17 @@ class ServerConfig:
         _at_least("--client-timeout", self.client_timeout, 0.1)
         _at_least("--threads", self.threads, 1)
         _at_least("--instances", self.instances, 1)
-        for option, port in (("--port", self.port), ("--grpc-port", self.grpc_port)):
+        for option, port in (
+            ("--port", self.port),
+            ("--grpc-port", self.grpc_port),
+            ("--metrics-port", self.metrics_port),
+        ):
             if not 0 <= port <= 65535:
                 raise UserError(f"{option} must be 0-65535, got {port}")
         if self.grpc_port and self.grpc_port == self.port:
             raise UserError(f"--grpc-port must differ from --port ({self.port})")
+        if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
+            raise UserError(f"--metrics-port must differ from --port and --grpc-port, got {self.metrics_port}")
 
 
 @dataclass

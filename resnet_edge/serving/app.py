@@ -99,6 +99,23 @@ def _model_name(config: ServerConfig, meta: dict[str, str]) -> str:
     )
 
 
+def triton_model_config(config: ServerConfig) -> dict[str, Any]:
+    """The served model's configuration in Triton's JSON form (model configuration extension): what
+    Triton's own tools read before they send a request. The same fields `package` writes to config.pbtxt."""
+    kind = "KIND_CPU" if is_cpu_provider(config.provider) else "KIND_GPU"
+    return {
+        "name": config.model_name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": config.max_batch_size,
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": list(INPUT_SHAPE)}],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES], "label_filename": ""}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(config.max_delay_ms * 1000)},
+        "instance_group": [{"name": config.model_name, "kind": kind, "count": config.instances}],
+    }
+
+
 def create_app(config: ServerConfig, session: Any | None = None) -> InferenceApp:
     """The ASGI app for one model (InferenceApp in front of FastAPI; ``.state.server`` is its ServerState).
     The session is created here unless given (tests may pass one). Sets ``config.model_name`` when unset."""
@@ -112,6 +129,7 @@ def create_app(config: ServerConfig, session: Any | None = None) -> InferenceApp
     meta = dict(session.get_modelmeta().custom_metadata_map)
     config.model_name = _model_name(config, meta)
     state = ServerState(config, model_metadata(config.model_name, meta))
+    state.model_config = triton_model_config(config)
     app = FastAPI(
         title="resnet-edge",
         version=__version__,
@@ -139,6 +157,7 @@ def _lifespan(state: ServerState, session: Any) -> Any:
             io_binding=not is_cpu_provider(config.provider),
             on_death=state.died,
             instances=config.instances,
+            on_batch=state.recorder.batch_done,
         )
         state.loop = asyncio.get_running_loop()
         batcher.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -108,16 +109,23 @@ async def infer_response(
 ) -> Answer:
     """POST .../infer: status, body and extra headers (JSON errors as {"error": message})."""
     config = state.config
+    started, timing = time.perf_counter_ns(), [0]
+    protocol = "binary" if headers.get(HEADER_LENGTH.lower()) is not None else "json"
     try:
         check_model(config, name, version or "1")
+    except RequestError as exc:  # no model of ours: counted by no model's statistics
+        return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
+    try:
         async with RequestBody(headers, receive, state) as raw:
             parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
-            logits = await state.infer(parsed.pixels)
+            logits = await state.infer(parsed.pixels, timing)
             body, header_length = await state.work(
                 encode_http_response, config.model_name, parsed, logits, size=logits.nbytes * 8
             )
     except RequestError as exc:
+        state.recorder.request_done(protocol, exc.status, started, timing[0])
         return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
+    state.recorder.request_done(protocol, 200, started, timing[0])
     if header_length is None:
         return 200, body, [JSON_TYPE]
     return (

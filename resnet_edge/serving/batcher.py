@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class DynamicBatcher:
         io_binding: bool = False,
         on_death: Callable[[str], None] | None = None,
         instances: int = 1,
+        on_batch: Callable[[int, list[int], int, int, int], None] | None = None,
     ) -> None:
         self.session = session
         self.max_batch_size = max_batch_size
@@ -70,6 +72,7 @@ class DynamicBatcher:
         self.instances = instances
         self.io_binding = io_binding
         self.on_death = on_death
+        self.on_batch = on_batch  # (rows, each job's queue wait, input, infer, output), in nanoseconds
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=instances, thread_name_prefix="onnxruntime")
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.task: asyncio.Task | None = None  # the loop that gathers batches
@@ -145,15 +148,20 @@ class DynamicBatcher:
         self.served.requests += 1  # one request, however many batches it was split into
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _run(self, parts: list[np.ndarray]) -> np.ndarray:
+    def _run(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int, int]:
+        """The batch's logits, and the nanoseconds spent joining its input and running the model."""
+        t0 = time.perf_counter_ns()
         batch = model_input(parts)  # in this thread: the event loop never joins or scales pixels
+        t1 = time.perf_counter_ns()
         if not self.io_binding:
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_NAME, batch)  # from host memory: ONNX Runtime copies it once per batch
-        binding.bind_output(OUTPUT_NAME, "cpu")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+            logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        else:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, batch)  # from host memory: ONNX Runtime copies it once per batch
+            binding.bind_output(OUTPUT_NAME, "cpu")
+            self.session.run_with_iobinding(binding)
+            logits = binding.copy_outputs_to_cpu()[0]
+        return logits, t1 - t0, time.perf_counter_ns() - t1
 
     def _take(self, jobs: list[_Job], rows: int) -> tuple[int, _Job | None]:
         """Add queued jobs to ``jobs`` without waiting, up to max_batch_size rows; the job that did not fit."""
@@ -215,8 +223,11 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             rows = sum(len(j.pixels) for j in jobs)
+            started = loop.time()
             try:
-                logits = await loop.run_in_executor(self.executor, self._run, [j.pixels for j in jobs])
+                logits, input_ns, infer_ns = await loop.run_in_executor(
+                    self.executor, self._run, [j.pixels for j in jobs]
+                )
             except Exception as exc:  # the model failed on this batch: its callers may retry
                 log.exception("inference failed")
                 _fail(jobs, f"inference failed: {type(exc).__name__}; retry later")
@@ -227,7 +238,11 @@ class DynamicBatcher:
                     f"the model answered a batch of {rows} rows with {getattr(logits, 'shape', None)}, "
                     f"expected ({rows}, {NUM_CLASSES})"
                 )
+            t0 = time.perf_counter_ns()
             self._deliver(jobs, logits)
+            if self.on_batch is not None:
+                waits = [int((started - j.queued) * 1e9) for j in jobs]
+                self.on_batch(rows, waits, input_ns, infer_ns, time.perf_counter_ns() - t0)
         finally:
             self._release(jobs)
             assert self.free_instances is not None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -334,6 +335,18 @@ class GrpcServer:
         return response
 
     async def _model_infer(self, cls: Any, context: Any) -> Any:
+        """ModelInfer, counted in the statistics and metrics (a call for a model not served is not)."""
+        started, timing = time.perf_counter_ns(), [0]
+        try:
+            response = await self._model_infer_counted(cls, context, timing)
+        except RequestError as exc:
+            if exc.status != 404:  # ModelInfer's only 404: a model or version this server does not serve
+                self.state.recorder.request_done("grpc", exc.status, started, timing[0])
+            raise
+        self.state.recorder.request_done("grpc", 200, started, timing[0])
+        return response
+
+    async def _model_infer_counted(self, cls: Any, context: Any, timing: list[int]) -> Any:
         """Received in a slot, its bytes counted in the budget shared with HTTP (--max-pending-bytes) until
         the answer is built; parsed as state.work places it, the bytes dropped as soon as parsed."""
         slots = self.infer_slots
@@ -352,7 +365,7 @@ class GrpcServer:
             holder = None
             slots.release()
         try:
-            logits = await self.state.infer(parsed.pixels)
+            logits = await self.state.infer(parsed.pixels, timing)
             return grpc_infer_response(self.model_name, parsed, logits)
         finally:
             self.state.give_bytes(size)

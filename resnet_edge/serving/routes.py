@@ -5,6 +5,7 @@ its route here serves other methods (405) and the FastAPI app mounted alone. No 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -24,15 +25,14 @@ from resnet_edge.serving.v2 import RequestError
 
 log = logging.getLogger(__name__)
 
-# Open Inference Protocol extensions this server implements as specified. /v2/models/{name}/stats answers
-# a schema of its own, not Triton's `statistics` extension, so that one is not advertised.
-EXTENSIONS = ["binary_tensor_data"]
+# Open Inference Protocol extensions this server implements as Triton specifies them.
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
 
 
 def add_routes(app: Any, state: ServerState) -> None:
     add_error_handlers(app)
+    add_stats_route(app, state)  # before /v2/models/{name}, which would take /v2/models/stats
     add_health_routes(app, state)
-    add_stats_route(app, state)
     add_inference_routes(app, state)
 
 
@@ -97,27 +97,42 @@ def add_health_routes(app: Any, state: ServerState) -> None:
 
 
 def add_stats_route(app: Any, state: ServerState) -> None:
-    """/v2/models/{name}/stats: how much was served and how it was batched, in a schema of this server's
-    own (not Triton's statistics extension), and the process's memory."""
+    """Triton's statistics extension (/v2/models[/{name}[/versions/{v}]]/stats: "model_stats" in Triton's
+    schema), with what Triton has no field for under "server"; Triton's model configuration extension
+    (/v2/models/{name}[/versions/{v}]/config); and GET /metrics (Prometheus' text format)."""
+
+    async def stats_response(name: str | None, version: str | None) -> dict[str, Any]:
+        if name is not None:
+            check_model(state.config, name, version or "1")
+        b = state.batcher
+        server = {
+            "pending_bytes": state.pending_bytes,
+            "pending_requests": b.callers_waiting if b is not None else 0,
+            "pending_rows": b.rows_held if b is not None else 0,
+            **await state.work(_memory_report, state.config.provider),
+        }
+        return {"model_stats": [state.recorder.statistics.triton_json()], "server": server}
+
+    @app.get("/v2/models/stats")
+    async def all_stats() -> dict[str, Any]:
+        return await stats_response(None, None)
 
     @app.get("/v2/models/{name}/stats")
-    async def stats(name: str) -> dict[str, Any]:
-        check_model(state.config, name)
-        b = state.batcher
-        counts = {}
-        if b is not None:
-            counts = {
-                "inference_count": b.served.rows,
-                "execution_count": b.served.batches,
-                "request_count": b.served.requests,
-                "pending_requests": b.callers_waiting,
-                "pending_rows": b.rows_held,
-            }
-        memory = await state.work(_memory_report, state.config.provider)
-        return {
-            "model_stats": [{"name": name, "version": "1", **counts}],
-            "server": {"pending_bytes": state.pending_bytes, **memory},
-        }
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def stats(name: str, version: str | None = None) -> dict[str, Any]:
+        return await stats_response(name, version)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str = "1") -> dict[str, Any]:
+        check_model(state.config, name, version)
+        return state.model_config
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await state.work(state.recorder.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 def _memory_report(provider: str) -> dict[str, Any]:
@@ -167,10 +182,16 @@ def add_inference_routes(app: Any, state: ServerState) -> None:
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        async with RequestBody(request.headers, request.receive, state) as raw:
-            # the multipart form, if any, and the image are both read in the request thread pool
-            pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
-            logits = await state.infer(pixels)
+        started, timing = time.perf_counter_ns(), [0]
+        try:
+            async with RequestBody(request.headers, request.receive, state) as raw:
+                # the multipart form, if any, and the image are both read in the request thread pool
+                pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
+                logits = await state.infer(pixels, timing)
+        except RequestError as exc:
+            state.recorder.request_done("predict", exc.status, started, timing[0])
+            raise
+        state.recorder.request_done("predict", 200, started, timing[0])
         return digit_prediction(logits[0])
 
 

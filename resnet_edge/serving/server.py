@@ -72,6 +72,20 @@ def _uvicorn_config(app: Any, config: ServerConfig, log_level: str) -> uvicorn.C
     )
 
 
+def _metrics_server(state: Any, config: ServerConfig, sock: socket.socket) -> Any:
+    """--metrics-port: /metrics also on a port of its own (prometheus_client's server, in a thread)."""
+    if not config.metrics_port:
+        return None
+    from prometheus_client import start_http_server
+
+    try:
+        started = start_http_server(config.metrics_port, config.host, registry=state.recorder.metrics.registry)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {config.host}:{config.metrics_port}: {exc.strerror or exc}") from None
+    return started[0] if isinstance(started, tuple) else None  # (server, thread) since prometheus-client 0.18
+
+
 def serve(
     config: ServerConfig, log_level: str = "warning", announce: Callable[[ServerConfig], None] | None = None
 ) -> None:
@@ -91,6 +105,7 @@ def serve(
         except UserError:
             sock.close()
             raise
+    metrics_server = _metrics_server(state, config, sock)
     if announce is not None:
         announce(config)
     server = GracefulServer(_uvicorn_config(app, config, log_level))
@@ -100,5 +115,7 @@ def serve(
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
     if state.fatal:
         raise UserError(f"{state.fatal}; stopped serving so that a supervisor restarts the server")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from resnet_edge.core.config import ServerConfig
 from resnet_edge.serving.batcher import DynamicBatcher
+from resnet_edge.serving.statistics import Recorder
 from resnet_edge.serving.v2 import Busy, InferRequest, RequestError, check_json_size, json_part_size, parse_http_request
 
 INLINE_BYTES = 16 * 1024  # request bodies this small are parsed on the event loop (tens of microseconds)
@@ -27,6 +29,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, metadata: dict[str, Any]) -> None:
         self.config = config
         self.metadata = metadata
+        self.model_config: dict[str, Any] = {}  # Triton's JSON model configuration (app.triton_model_config)
         self.ready = False
         self.batcher: DynamicBatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -37,6 +40,12 @@ class ServerState:
         self.fatal: str | None = None
         self.stopping = False  # SIGTERM/SIGINT received: readiness answers false
         self.stop_server: Callable[[], None] | None = None  # set by serve(): ends uvicorn
+        self.recorder = Recorder(  # Triton's statistics and the Prometheus metrics
+            config.model_name or "",
+            "1",
+            rows_held=lambda: self.batcher.rows_held if self.batcher is not None else 0,
+            pending_bytes=lambda: self.pending_bytes,
+        )
 
     async def work(self, fn: Callable[..., Any], *args: Any, size: int = INLINE_BYTES + 1) -> Any:
         """``fn(*args)`` in the request thread pool (or inline when the input is at most INLINE_BYTES)."""
@@ -95,7 +104,13 @@ class ServerState:
         if self.stop_server is not None and self.loop is not None:
             self.loop.call_later(EXIT_DELAY_S, self.stop_server)
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+    async def infer(self, pixels: np.ndarray, timing: list[int] | None = None) -> np.ndarray:
+        """The logits of ``pixels`` from the batcher; the nanoseconds it took are added to ``timing[0]``."""
         if self.batcher is None or not self.ready:
             raise RequestError(503, f"not ready{': ' + self.fatal if self.fatal else ''}")
-        return await self.batcher.infer(pixels)
+        started = time.perf_counter_ns()
+        try:
+            return await self.batcher.infer(pixels)
+        finally:
+            if timing is not None:
+                timing[0] += time.perf_counter_ns() - started

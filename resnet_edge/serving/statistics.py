@@ -1,0 +1,212 @@
+"""What `serve` has done, counted two ways: Triton's statistics extension (per model and version,
+cumulative counts and nanoseconds: GET /v2/models[/{name}[/versions/{v}]]/stats, gRPC ModelStatistics)
+and Prometheus metrics (GET /metrics, or --metrics-port). One recorder feeds both, from the batcher and
+the request handlers; every update is a few integer additions under a lock, off the ONNX Runtime call.
+
+Prometheus names follow its naming rules (snake case, unit suffix in base units: _seconds, _bytes,
+_total for counters). Where Triton has a metric for the same thing, docs/serving.md says which.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# Latency buckets in seconds: 100 us to 10 s, what a 28x28 model sees from one image to a full queue.
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PROTOCOLS = ("json", "binary", "grpc", "predict")
+
+
+@dataclass
+class Duration:
+    """Triton's $duration_stat: how many and how long in all (nanoseconds)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class BatchStat:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class ModelStatistics:
+    """One model version's cumulative statistics, in Triton's terms."""
+
+    name: str
+    version: str
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # images answered (a request of 64 images counts 64)
+    execution_count: int = 0  # ONNX Runtime calls
+    last_inference_ms: int = 0
+    batches: dict[int, BatchStat] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request_done(self, ok: bool, ns: int) -> None:
+        with self.lock:
+            (self.success if ok else self.fail).add(ns)
+            if ok:
+                self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def batch_done(self, rows: int, jobs: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One ONNX Runtime call of ``rows`` rows made of ``jobs`` queued parts that waited ``queue_ns`` in all."""
+        with self.lock:
+            self.queue.add(queue_ns, jobs)
+            self.compute_input.add(input_ns, jobs)
+            self.compute_infer.add(infer_ns, jobs)
+            self.compute_output.add(output_ns, jobs)
+            self.inference_count += rows
+            self.execution_count += 1
+            stat = self.batches.setdefault(rows, BatchStat())
+            stat.compute_input.add(input_ns)
+            stat.compute_infer.add(infer_ns)
+            stat.compute_output.add(output_ns)
+
+    def triton_json(self) -> dict[str, Any]:
+        """Triton's $model_stat."""
+        with self.lock:
+            return {
+                "name": self.name,
+                "version": self.version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": self.success.json(),
+                    "fail": self.fail.json(),
+                    "queue": self.queue.json(),
+                    "compute_input": self.compute_input.json(),
+                    "compute_infer": self.compute_infer.json(),
+                    "compute_output": self.compute_output.json(),
+                    "cache_hit": Duration().json(),
+                    "cache_miss": Duration().json(),
+                },
+                "response_stats": {},
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": b.compute_input.json(),
+                        "compute_infer": b.compute_infer.json(),
+                        "compute_output": b.compute_output.json(),
+                    }
+                    for size, b in sorted(self.batches.items())
+                ],
+                "memory_usage": [],
+            }
+
+
+class Metrics:
+    """The Prometheus metrics of one server, in a registry of its own (several apps in one process, as in
+    the tests, never share counters). Label children are bound once per protocol, so the hot path does no
+    label lookup; the status-code children are made on first use."""
+
+    def __init__(self, model: str, version: str, rows_held: Any, pending_bytes: Any) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        model_labels = ("model", "version")
+        self.model = (model, version)
+
+        def per_protocol(name: str, documentation: str) -> dict[str, Any]:
+            histogram = Histogram(
+                name, documentation, (*model_labels, "protocol"), buckets=LATENCY_BUCKETS, registry=self.registry
+            )
+            return {p: histogram.labels(model, version, p) for p in PROTOCOLS}
+
+        self.requests = Counter(
+            "resnet_edge_requests",
+            "Inference requests answered, by protocol and status (HTTP status; gRPC's mapped to HTTP's).",
+            (*model_labels, "protocol", "code"),
+            registry=self.registry,
+        )
+        self.request_seconds = per_protocol(
+            "resnet_edge_request_duration_seconds", "Whole inference request: body read, parsed, inferred, encoded."
+        )
+        self.handling_seconds = per_protocol(
+            "resnet_edge_request_handling_seconds",
+            "The request's own work outside the batcher: reading, parsing, checking and encoding.",
+        )
+        self.queue_seconds = Histogram(
+            "resnet_edge_queue_duration_seconds",
+            "Time a request's rows waited in the batcher before their ONNX Runtime call started.",
+            model_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        ).labels(model, version)
+        self.infer_seconds = Histogram(
+            "resnet_edge_inference_duration_seconds",
+            "One ONNX Runtime call (a batch): joining the rows, running the model.",
+            model_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        ).labels(model, version)
+        self.batch_rows = Histogram(
+            "resnet_edge_batch_size",
+            "Rows (images) per ONNX Runtime call, as the session saw them.",
+            model_labels,
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        ).labels(model, version)
+        Gauge(
+            "resnet_edge_rows_in_flight", "Images accepted and not answered yet (--max-queue).", registry=self.registry
+        ).set_function(rows_held)
+        Gauge(
+            "resnet_edge_pending_request_bytes",
+            "Request bytes in flight, HTTP and gRPC (--max-pending-bytes).",
+            registry=self.registry,
+        ).set_function(pending_bytes)
+
+    def request_done(self, protocol: str, code: int, seconds: float, handling: float) -> None:
+        self.requests.labels(*self.model, protocol, str(code)).inc()
+        if code == 200:
+            self.request_seconds[protocol].observe(seconds)
+            self.handling_seconds[protocol].observe(handling)
+
+    def batch_done(self, rows: int, jobs: int, queue_seconds: list[float], infer_seconds: float) -> None:
+        for wait in queue_seconds:
+            self.queue_seconds.observe(wait)
+        self.infer_seconds.observe(infer_seconds)
+        self.batch_rows.observe(rows)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Recorder:
+    """What the request handlers and the batcher report, counted once for Triton's statistics and once
+    for Prometheus. ``recorder.request(protocol)`` times one request; the batcher calls ``batch_done``."""
+
+    def __init__(self, model: str, version: str, rows_held: Any, pending_bytes: Any) -> None:
+        self.statistics = ModelStatistics(model, version)
+        self.metrics = Metrics(model, version, rows_held, pending_bytes)
+
+    def request_done(self, protocol: str, code: int, started_ns: int, batcher_ns: int) -> None:
+        """One inference request answered with ``code``; ``batcher_ns`` of its time was spent in the batcher."""
+        total = time.perf_counter_ns() - started_ns
+        self.statistics.request_done(code == 200, total)
+        self.metrics.request_done(protocol, code, total / 1e9, (total - batcher_ns) / 1e9)
+
+    def batch_done(self, rows: int, queue_ns: list[int], input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.statistics.batch_done(rows, len(queue_ns), sum(queue_ns), input_ns, infer_ns, output_ns)
+        self.metrics.batch_done(rows, len(queue_ns), [q / 1e9 for q in queue_ns], (input_ns + infer_ns) / 1e9)
