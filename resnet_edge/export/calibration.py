@@ -114,6 +114,13 @@ class Calibration:
         return self.method if self.percentile is None else f"{self.method} {self.percentile:g}"
 
 
+def even_batch_size(n: int, batch_size: int) -> int:
+    """The largest batch size up to ``batch_size`` that divides ``n`` images evenly: ONNX Runtime's
+    histogram calibrators stack every batch's outputs into one array, which fails on a shorter last batch
+    (e.g. --calibration-size 100 with batches of 64)."""
+    return next(b for b in range(min(batch_size, max(n, 1)), 0, -1) if n % b == 0)
+
+
 def activation_ranges(
     pre_path: Path, calib: np.ndarray, calibration: Calibration, batch_size: int, work: Path
 ) -> dict[str, tuple[float, float]] | None:
@@ -130,7 +137,7 @@ def activation_ranges(
     )
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print their progress
-            calibrator.collect_data(_batches(calib, batch_size))
+            calibrator.collect_data(_batches(calib, even_batch_size(len(calib), batch_size)))
             data = calibrator.compute_data()
     finally:
         augmented.unlink(missing_ok=True)
