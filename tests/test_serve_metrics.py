@@ -128,3 +128,27 @@ def test_tritonclient_reads_statistics_and_config_over_http(served):
     assert config["output"][0]["dims"] == [10] and "dynamic_batching" in config
     assert httpx.get(f"{url}/v2/models/other/config").status_code == 404
     assert httpx.get(f"{url}/v2/models/m/versions/2/stats").status_code == 404
+
+
+def test_tritonclient_reads_statistics_and_config_over_grpc(served):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    url, grpc_address, _ = served
+    client = grpcclient.InferenceServerClient(grpc_address)
+    before = client.get_inference_statistics("m", as_json=True)["model_stats"][0]
+    _send_the_mix(url, grpc_address)
+    after = client.get_inference_statistics("m", "1", as_json=True)["model_stats"][0]
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert [s["name"] for s in every] == ["m"]
+    # protobuf's JSON writes 64-bit counts as strings
+    success = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])
+    assert success == 8 and int(after["inference_count"]) - int(before["inference_count"]) == 15
+    http_view = httpx.get(f"{url}/v2/models/m/stats").json()["model_stats"][0]
+    assert int(after["execution_count"]) <= http_view["execution_count"]  # the same counters, read later by HTTP
+    config = client.get_model_config("m", as_json=True)["config"]
+    assert config["name"] == "m" and config["platform"] == "onnxruntime_onnx" and config["max_batch_size"] == 8
+    assert config["input"][0]["dims"] == ["1", "28", "28"] and config["input"][0]["data_type"] == "TYPE_FP32"
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("other")
+    assert info.value.status() == "StatusCode.NOT_FOUND"

@@ -1,5 +1,5 @@
 """`serve --grpc-port`: the Open Inference Protocol's gRPC service (GRPCInferenceService of KServe's
-grpc_predict_v2.proto) with grpcio, next to the HTTP server and sharing its batcher and its budgets.
+grpc_service.proto, Triton's) with grpcio, next to the HTTP server and sharing its batcher and its budgets.
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer (inputs as
 raw_input_contents or typed contents; outputs always as raw_output_contents, as Triton answers). The
@@ -224,6 +224,8 @@ class GrpcServer:
             "ServerMetadata": self._server_metadata,
             "ModelMetadata": self._model_metadata,
             "ModelInfer": self._model_infer,
+            "ModelConfig": self._model_config,
+            "ModelStatistics": self._model_statistics,
         }
         handlers = {
             name: grpc.stream_unary_rpc_method_handler(  # one message, read by the handler: see _receive
@@ -332,6 +334,27 @@ class GrpcServer:
         response.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[-1, *INPUT_SHAPE])
         for name in OUTPUTS:
             response.outputs.add(name=name, datatype="FP32", shape=[-1, NUM_CLASSES])
+        return response
+
+    async def _model_config(self, cls: Any, context: Any) -> Any:
+        """Triton's ModelConfig: the served model's configuration (as GET .../config answers it)."""
+        from google.protobuf import json_format
+
+        request = await self._request(cls, context)
+        check_model(request.name, request.version, self.model_name)
+        response = messages()["ModelConfigResponse"]()
+        json_format.ParseDict(self.state.model_config, response.config)
+        return response
+
+    async def _model_statistics(self, cls: Any, context: Any) -> Any:
+        """Triton's ModelStatistics (as GET .../stats answers its model_stats); no name: every model."""
+        from google.protobuf import json_format
+
+        request = await self._request(cls, context)
+        if request.name:
+            check_model(request.name, request.version, self.model_name)
+        response = messages()["ModelStatisticsResponse"]()
+        json_format.ParseDict({"model_stats": [self.state.recorder.statistics.triton_json()]}, response)
         return response
 
     async def _model_infer(self, cls: Any, context: Any) -> Any:
