@@ -145,27 +145,24 @@ class Metrics:
             "resnet_edge_request_handling_seconds",
             "The request's own work outside the batcher: reading, parsing, checking and encoding.",
         )
-        self.queue_seconds = Histogram(
+
+        def per_model(name: str, documentation: str, buckets: tuple[float, ...]) -> Any:
+            histogram = Histogram(name, documentation, model_labels, buckets=buckets, registry=self.registry)
+            return histogram.labels(model, version)
+
+        self.queue_seconds = per_model(
             "resnet_edge_queue_duration_seconds",
             "Time a request's rows waited in the batcher before their ONNX Runtime call started.",
-            model_labels,
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        ).labels(model, version)
-        self.infer_seconds = Histogram(
+            LATENCY_BUCKETS,
+        )
+        self.infer_seconds = per_model(
             "resnet_edge_inference_duration_seconds",
             "One ONNX Runtime call (a batch): joining the rows, running the model.",
-            model_labels,
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        ).labels(model, version)
-        self.batch_rows = Histogram(
-            "resnet_edge_batch_size",
-            "Rows (images) per ONNX Runtime call, as the session saw them.",
-            model_labels,
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        ).labels(model, version)
+            LATENCY_BUCKETS,
+        )
+        self.batch_rows = per_model(
+            "resnet_edge_batch_size", "Rows (images) per ONNX Runtime call, as the session saw them.", BATCH_BUCKETS
+        )
         Gauge(
             "resnet_edge_rows_in_flight", "Images accepted and not answered yet (--max-queue).", registry=self.registry
         ).set_function(rows_held)
