@@ -96,6 +96,24 @@ def test_metrics_count_exactly_what_was_sent(served):
     assert _requests(separate, "json", "200") == _requests(after, "json", "200")
 
 
+def test_no_metrics_turns_metrics_off_and_keeps_statistics(tmp_path):
+    from helpers import error_line
+
+    model = linear_model(tmp_path / "m.onnx")
+    line = error_line(["serve", "--model", model, "--no-metrics", "--metrics-port", free_port()])
+    assert "--no-metrics" in line
+    proc, url = start_server("--model", model, "--model-name", "m", "--no-metrics")
+    try:
+        x = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [0.5] * 784}]}
+        assert httpx.post(f"{url}/v2/models/m/infer", json=x).status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 404
+        stats = httpx.get(f"{url}/v2/models/m/stats").json()["model_stats"][0]
+        assert stats["inference_stats"]["success"]["count"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_tritonclient_reads_statistics_and_config_over_http(served):
     import tritonclient.http as httpclient
 

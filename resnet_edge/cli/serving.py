@@ -58,6 +58,9 @@ METRICS_PORT = typer.Option(
     ServerConfig.metrics_port,
     help="Also serve /metrics (Prometheus) on this port, as Triton's :8002; 0: on --port only.",
 )
+METRICS = typer.Option(
+    ServerConfig.metrics, "--metrics/--no-metrics", help="Prometheus metrics at /metrics (statistics stay on)."
+)
 GRPC_PORT = typer.Option(ServerConfig.grpc_port, help="Port of the gRPC GRPCInferenceService (KServe v2); 0: no gRPC.")
 
 
@@ -118,6 +121,7 @@ def serve_cli(
     client_timeout: float = CLIENT_TIMEOUT,
     grpc_port: int = GRPC_PORT,
     metrics_port: int = METRICS_PORT,
+    metrics: bool = METRICS,
 ) -> None:
     """Serve the model: Open Inference Protocol (KServe v2) over HTTP (JSON and binary tensors) and gRPC,
     and /v1/predict for image files."""
@@ -127,7 +131,7 @@ def serve_cli(
         model_name=model_name, provider=provider, threads=threads, instances=instances,
         max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
         max_pending_bytes=max_pending_bytes, max_connections=max_connections, client_timeout=client_timeout,
-        host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+        host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, metrics=metrics,
     )  # fmt: skip  # checked before any model is read
     _choose_served_model(config, run, model, variant, repository)
     serve(config, announce=_announce)

@@ -237,6 +237,7 @@ class ServerConfig:
     port: int = 8000
     grpc_port: int = 0  # GRPCInferenceService; 0: no gRPC
     metrics_port: int = 0  # /metrics on a port of its own too (as Triton's :8002); 0: on --port only
+    metrics: bool = True  # Prometheus metrics (--no-metrics: none, and /metrics is 404; statistics stay)
 
     def __post_init__(self) -> None:
         _at_least("--max-batch-size", self.max_batch_size, 1)
@@ -263,6 +264,8 @@ class ServerConfig:
                 raise UserError(f"{option} must be 0-65535, got {port}")
         if self.grpc_port and self.grpc_port == self.port:
             raise UserError(f"--grpc-port must differ from --port ({self.port})")
+        if self.metrics_port and not self.metrics:
+            raise UserError("--metrics-port serves the metrics that --no-metrics turns off; give one of them")
         if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
             raise UserError(f"--metrics-port must differ from --port and --grpc-port, got {self.metrics_port}")
 

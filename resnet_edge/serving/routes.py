@@ -132,6 +132,8 @@ def add_stats_route(app: Any, state: ServerState) -> None:
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        if state.recorder.metrics is None:
+            raise RequestError(404, "metrics are off (serve --no-metrics)")
         return Response(await state.work(state.recorder.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -74,7 +74,7 @@ def _uvicorn_config(app: Any, config: ServerConfig, log_level: str) -> uvicorn.C
 
 def _metrics_server(state: Any, config: ServerConfig, sock: socket.socket) -> Any:
     """--metrics-port: /metrics also on a port of its own (prometheus_client's server, in a thread)."""
-    if not config.metrics_port:
+    if not config.metrics_port or state.recorder.metrics is None:
         return None
     from prometheus_client import start_http_server
 

@@ -45,6 +45,7 @@ class ServerState:
             "1",
             rows_held=lambda: self.batcher.rows_held if self.batcher is not None else 0,
             pending_bytes=lambda: self.pending_bytes,
+            metrics=config.metrics,
         )
 
     async def work(self, fn: Callable[..., Any], *args: Any, size: int = INLINE_BYTES + 1) -> Any:

@@ -194,16 +194,18 @@ class Recorder:
     """What the request handlers and the batcher report, counted once for Triton's statistics and once
     for Prometheus. ``recorder.request(protocol)`` times one request; the batcher calls ``batch_done``."""
 
-    def __init__(self, model: str, version: str, rows_held: Any, pending_bytes: Any) -> None:
+    def __init__(self, model: str, version: str, rows_held: Any, pending_bytes: Any, metrics: bool = True) -> None:
         self.statistics = ModelStatistics(model, version)
-        self.metrics = Metrics(model, version, rows_held, pending_bytes)
+        self.metrics = Metrics(model, version, rows_held, pending_bytes) if metrics else None
 
     def request_done(self, protocol: str, code: int, started_ns: int, batcher_ns: int) -> None:
         """One inference request answered with ``code``; ``batcher_ns`` of its time was spent in the batcher."""
         total = time.perf_counter_ns() - started_ns
         self.statistics.request_done(code == 200, total)
-        self.metrics.request_done(protocol, code, total / 1e9, (total - batcher_ns) / 1e9)
+        if self.metrics is not None:
+            self.metrics.request_done(protocol, code, total / 1e9, (total - batcher_ns) / 1e9)
 
     def batch_done(self, rows: int, queue_ns: list[int], input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.statistics.batch_done(rows, len(queue_ns), sum(queue_ns), input_ns, infer_ns, output_ns)
-        self.metrics.batch_done(rows, len(queue_ns), [q / 1e9 for q in queue_ns], (input_ns + infer_ns) / 1e9)
+        if self.metrics is not None:
+            self.metrics.batch_done(rows, len(queue_ns), [q / 1e9 for q in queue_ns], (input_ns + infer_ns) / 1e9)
