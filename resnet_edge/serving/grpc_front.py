@@ -1,8 +1,8 @@
 """`serve --grpc-port`: the Open Inference Protocol's gRPC service (GRPCInferenceService of KServe's
 grpc_service.proto, Triton's) with grpcio, next to the HTTP server and sharing its batcher and its budgets.
 
-ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer (inputs as
-raw_input_contents or typed contents; outputs always as raw_output_contents, as Triton answers). The
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (inputs as raw_input_contents or
+typed contents; outputs always as raw_output_contents, as Triton answers) and ModelStreamInfer (grpc_stream.py). The
 gRPC server (grpc.aio) runs on the HTTP server's event loop; requests get v2.py's checks, the same as
 HTTP's, and go to the same batcher. Every method is registered as request-streaming (on the wire the
 same as unary, so unary clients are served unchanged): a handler starts before its message arrives,
@@ -182,6 +182,9 @@ class GrpcServer:
         # receive slots of ModelInfer, and of the other methods (never delayed by inference)
         self.infer_slots = asyncio.Semaphore(receive_slots(self.config))
         self.other_slots = asyncio.Semaphore(receive_slots(self.config))
+        from resnet_edge.serving.grpc_stream import StreamInfer  # it imports this module
+
+        self.streams = StreamInfer(self)  # ModelStreamInfer
 
     async def start(self) -> None:
         """Open the port and serve; a port that cannot be opened is a UserError."""
@@ -210,6 +213,7 @@ class GrpcServer:
         self.server = server
 
     async def stop(self) -> None:
+        self.streams.close()  # streams read no further message; the grace period is theirs too
         if self.server is not None:
             await self.server.stop(GRACE_S)
 
@@ -235,6 +239,7 @@ class GrpcServer:
             )
             for name, fn in calls.items()
         }
+        handlers["ModelStreamInfer"] = self.streams.method_handler()
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _guarded(self, fn: Any, cls: Any) -> Any:

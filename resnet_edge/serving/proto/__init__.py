@@ -28,6 +28,7 @@ METHODS = (
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelStreamInfer",
     "ModelConfig",
     "ModelStatistics",
 )
