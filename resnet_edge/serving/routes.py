@@ -1,10 +1,14 @@
-"""The FastAPI routes of `serve`: server and model metadata, liveness and readiness, statistics, POST
-/v1/predict (one image file), and errors as {"error": message}. POST .../infer is answered by asgi.py;
-its route here serves other methods (405) and the FastAPI app mounted alone. No torch here."""
+"""The FastAPI routes of `serve`: the page at / (draw a digit), server and model metadata, liveness and
+readiness, statistics, POST /v1/predict (one image file), and errors as {"error": message}. POST
+.../infer is answered by asgi.py; its route here serves other methods (405) and the FastAPI app mounted
+alone. No torch here."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -31,6 +35,7 @@ EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
 
 def add_routes(app: Any, state: ServerState) -> None:
     add_error_handlers(app)
+    add_page_route(app)
     add_stats_route(app, state)  # before /v2/models/{name}, which would take /v2/models/stats
     add_health_routes(app, state)
     add_inference_routes(app, state)
@@ -59,6 +64,47 @@ def add_error_handlers(app: Any) -> None:
     async def _internal(_: Request, exc: Exception) -> JSONResponse:  # a bug of ours; the fuzz test hunts these
         log.exception("unhandled error")
         return _error(500, "internal server error")
+
+
+# The page's inline <script> and <style> blocks, allowed by their hashes in its Content-Security-Policy.
+_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+def page_and_policy() -> tuple[bytes, str]:
+    """The page (page/index.html, one file) and its Content-Security-Policy: nothing but this server
+    ('self': the page fetches v1/predict) and the page's own inline script and style, by their SHA-256."""
+    from importlib.resources import files
+
+    html = (files("resnet_edge.serving") / "page" / "index.html").read_bytes()
+    allowed: dict[bytes, list[str]] = {b"script": [], b"style": []}
+    for kind, text in _INLINE.findall(html):
+        allowed[kind].append(f"'sha256-{base64.b64encode(hashlib.sha256(text).digest()).decode()}'")
+    script, style = (" ".join(allowed[kind]) or "'none'" for kind in (b"script", b"style"))
+    policy = (
+        f"default-src 'none'; script-src {script}; style-src {style}; connect-src 'self'; img-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, policy
+
+
+def add_page_route(app: Any) -> None:
+    """GET / (and HEAD): the page where a person draws a digit, read once here, not per request; and
+    /favicon.ico, which browsers ask for by themselves, answered 204 (no icon) rather than a 404 to log."""
+    html, policy = page_and_policy()
+    headers = {
+        "content-security-policy": policy,
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+        "cache-control": "no-cache",
+    }
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> Response:
+        return Response(html, media_type="text/html; charset=utf-8", headers=headers)
+
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
+    async def no_icon() -> Response:
+        return Response(status_code=204, headers={"cache-control": "max-age=86400"})
 
 
 def _ready_response(state: ServerState, body: dict[str, Any]) -> Response:
