@@ -27,6 +27,14 @@ def small_mnist(mnist):
 
 
 @pytest.fixture(scope="session")
+def tiny_mnist(mnist):
+    """512 training and 128 test images (8 steps of 64 an epoch): for tests of what training writes and
+    restores (checkpoints, resume, warm-up), where the number of images changes nothing checked."""
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:512], train_labels=mnist.train_labels[:512],
+                               test_images=mnist.test_images[:128], test_labels=mnist.test_labels[:128])
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist):
     """The one real-MNIST end-to-end run of the default suite: resnet8, 1 epoch on all 60,000 images,
     then export --quantize with the default guard."""

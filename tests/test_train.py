@@ -14,28 +14,28 @@ def _cfg(**kw):
 
 
 def test_short_training_lowers_the_loss(tmp_path, small_mnist):
-    report = train(_cfg(epochs=3, batch_size=32, lr=0.1, augment=False), tmp_path / "run", dataset=small_mnist)
+    report = train(_cfg(epochs=3, lr=0.1, augment=False), tmp_path / "run", dataset=small_mnist)
     losses = [h["loss"] for h in report["history"]]
     assert losses[2] < losses[1] < losses[0] < 2.3  # ln(10) = 2.30 is the loss of a guess
-    assert report["test_accuracy"] > 0.3  # 3x chance after 192 steps on 2,048 images
+    assert report["test_accuracy"] > 0.3  # 3x chance after 96 steps of 64 on 2,048 images (0.40 measured)
     for field in ("arch", "params", "device", "epochs", "seconds", "test_accuracy", "history"):
         assert field in report
     assert set(report["history"][0]) >= {"epoch", "loss", "test_accuracy", "images_per_second"}
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
-def test_interrupt_then_resume_equals_straight_run(tmp_path, small_mnist):
+def test_interrupt_then_resume_equals_straight_run(tmp_path, tiny_mnist):
     straight = tmp_path / "straight"
-    train(_cfg(), straight, dataset=small_mnist)
+    train(_cfg(), straight, dataset=tiny_mnist)
 
     def ctrl_c(epoch: int) -> None:
         raise KeyboardInterrupt
 
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(), resumed, dataset=small_mnist, on_epoch_saved=ctrl_c)
+        train(_cfg(), resumed, dataset=tiny_mnist, on_epoch_saved=ctrl_c)
     assert load_checkpoint(resumed / "checkpoint.pt")["epoch"] == 1  # the finished epoch was saved
-    report = train(_cfg(), resumed, resume=True, dataset=small_mnist)
+    report = train(_cfg(), resumed, resume=True, dataset=tiny_mnist)
     assert [h["epoch"] for h in report["history"]] == [1, 2]
     a = load_checkpoint(straight / "checkpoint.pt")["model"]
     b = load_checkpoint(resumed / "checkpoint.pt")["model"]
@@ -58,9 +58,9 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     assert not _Exploit.marker.exists()
 
 
-def test_truncated_and_foreign_checkpoints(tmp_path, small_mnist):
+def test_truncated_and_foreign_checkpoints(tmp_path, tiny_mnist):
     run = tmp_path / "run"
-    train(_cfg(epochs=1), run, dataset=small_mnist)
+    train(_cfg(epochs=1), run, dataset=tiny_mnist)
     ckpt = run / "checkpoint.pt"
     cut = tmp_path / "cut.pt"
     cut.write_bytes(ckpt.read_bytes()[:5000])
@@ -76,12 +76,12 @@ def test_truncated_and_foreign_checkpoints(tmp_path, small_mnist):
         model_from_checkpoint(load_checkpoint(other), other)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, small_mnist):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_mnist):
     run = tmp_path / "run"
-    train(_cfg(epochs=1), run, dataset=small_mnist)
+    train(_cfg(epochs=1), run, dataset=tiny_mnist)
     before = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(TrainingError, match="loss became nan"):
-        train(_cfg(epochs=1, lr=float("inf")), run, dataset=small_mnist)
+        train(_cfg(epochs=1, lr=float("inf")), run, dataset=tiny_mnist)
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
@@ -124,13 +124,13 @@ def test_recipe_and_compile_mistakes_are_one_line():
     assert "--compile-mode must be one of" in error_line(["train", "--compile-mode", "turbo"])
 
 
-def test_compile_warm_up_changes_nothing_it_computes(tmp_path, small_mnist, monkeypatch):
+def test_compile_warm_up_changes_nothing_it_computes(tmp_path, tiny_mnist, monkeypatch):
     """The compilation warm-up (a few real steps, timed apart) puts weights, optimizer and data order
     back: with torch.compile replaced by the identity, a 'compiled' run ends bit for bit where a plain
     one does."""
-    plain = train(_cfg(epochs=1), tmp_path / "plain", dataset=small_mnist)
+    plain = train(_cfg(epochs=1), tmp_path / "plain", dataset=tiny_mnist)
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
-    compiled = train(_cfg(epochs=1, compile=True), tmp_path / "compiled", dataset=small_mnist)
+    compiled = train(_cfg(epochs=1, compile=True), tmp_path / "compiled", dataset=tiny_mnist)
     assert plain["compiled"] is None and compiled["compiled"] == "default"
     assert compiled["this_process"]["compile_seconds"] > 0
     a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
