@@ -85,8 +85,11 @@ def test_export_without_fp16_removes_the_stale_fp16(fp16_run, tmp_path):
 def test_eval_and_predict_take_the_fp16_variant(fp16_run, mnist, tmp_path):
     from PIL import Image
 
+    from conftest import write_dataset
+
     run, report = fp16_run
-    result = runner.invoke(app, ["eval", "--run", str(run), "--variant", "all"])
+    data = write_dataset(tmp_path / "d", n_train=8, n_test=64)  # which models run, not their accuracy
+    result = runner.invoke(app, ["eval", "--run", str(run), "--variant", "all", "--data-dir", str(data)])
     assert result.exit_code == 0, result.output
     assert result.output.count("CPUExecutionProvider") == 3  # model.onnx, model.int8.onnx, model.fp16.onnx
     png = tmp_path / "d.png"
