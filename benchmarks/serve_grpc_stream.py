@@ -10,8 +10,10 @@ Cells:
 - grpc-stream-window: one stream per client keeping --window requests in flight (what a stream is for;
   --window x --clients requests in flight, so not the same load as the others).
 Every cell runs --repeats rounds, interleaved (round by round), so a change in the machine's speed hits
-every cell alike; medians reported, with the server's CPU seconds per request. The CPU model (from
-/proc/cpuinfo) names the result file. Run it on an otherwise idle machine (load average < 1.5).
+every cell alike; medians reported, with the server's CPU seconds per request. On a shared machine a round
+starts only once the CPUs have been idle for 3 s, and counts only if no other process used OTHERS_MAX CPU
+seconds during any of its cells (a disturbed round is set aside, kept in the report, and run again). The
+CPU model (from /proc/cpuinfo) names the result file.
 
     python benchmarks/serve_grpc_stream.py --model exported/resnet8/model.int8.onnx
     # -> benchmarks/results/cpu/serve_grpc_stream-<cpu>.json and .md
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -48,6 +51,7 @@ from resnet_edge.core.machine import machine  # noqa: E402
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 CELLS = ("json", "grpc", "grpc-stream", "grpc-stream-window")
+OTHERS_MAX = 1.0  # CPU seconds other processes may use during a cell (of ~12 on 2 cores) for its round to count
 
 
 async def _stream_client(channel, requests: list[bytes], window: int, stop_at: float, tally: Tally) -> None:
@@ -118,10 +122,23 @@ async def stream_load(port: int, clients: int, window: int, seconds: float, serv
 
 
 def one_cell(cell: str, args, http: int, grpc_port: int, pid: int) -> dict:
+    """One cell's run; ``others_cpu_s``: CPU seconds the rest of the machine used meanwhile (all cores busy
+    time less the server's and this process's), which says whether the machine was idle enough."""
+    import psutil
+
+    def busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+    before = busy(), cpu_seconds(pid), time.process_time()
     if cell in ("json", "grpc"):
-        return asyncio.run(run_load([cell], args.clients, args.seconds, "m", http, grpc_port, server_pid=pid))[cell]
-    window = args.window if cell == "grpc-stream-window" else 1
-    return asyncio.run(stream_load(grpc_port, args.clients, window, args.seconds, pid))
+        out = asyncio.run(run_load([cell], args.clients, args.seconds, "m", http, grpc_port, server_pid=pid))[cell]
+    else:
+        window = args.window if cell == "grpc-stream-window" else 1
+        out = asyncio.run(stream_load(grpc_port, args.clients, window, args.seconds, pid))
+    after = busy(), cpu_seconds(pid), time.process_time()
+    out["others_cpu_s"] = (after[0] - before[0]) - (after[1] - before[1]) - (after[2] - before[2])
+    return out
 
 
 def cpu_slug(cpu: str | None) -> str:
@@ -129,15 +146,17 @@ def cpu_slug(cpu: str | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| cell | req/s (median) | rounds | p50 ms | p99 ms | server CPU ms / request | errors |",
-            "|---|---:|---|---:|---:|---:|---:|"]
+    rows = ["| cell | req/s (median) | rounds | p50 ms | p99 ms | server CPU ms / request | errors "
+            "| other processes' CPU s, by round |", "|---|---:|---|---:|---:|---:|---:|---|"]
     for cell, r in report["cells"].items():
         rows.append(f"| {cell} | {r['requests_per_second']:,.0f} | {', '.join(f'{x:,.0f}' for x in r['rounds'])} "
-                    f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_ms_per_request']:.3f} | {r['errors']} |")
+                    f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_ms_per_request']:.3f} | {r['errors']} "
+                    f"| {', '.join(f'{x:.1f}' for x in r['others_cpu_s'])} |")
     s = report["settings"]
     return (f"# serve: gRPC streaming vs unary vs JSON\n\nMachine: {machine_line(report['machine'])}; load average "
             f"before: {report['load_before']}.\nModel: {s['model']}; {s['clients']} clients, {s['seconds']} s a cell, "
-            f"{s['repeats']} interleaved rounds, window {s['window']} for grpc-stream-window.\n\n"
+            f"{s['repeats']} interleaved rounds kept (undisturbed by other processes; "
+            f"{len(report['disturbed_rounds'])} set aside), window {s['window']} for grpc-stream-window.\n\n"
             + "\n".join(rows) + "\n")
 
 
@@ -150,7 +169,50 @@ def summary(results: list[dict]) -> dict:
     return {"requests_per_second": med("requests_per_second"), "rounds": [x["requests_per_second"] for x in results],
             "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "errors": sum(x["errors"] for x in results),
             "server_cpu_ms_per_request": statistics.median(1e3 * x["server_cpu_s"] / max(1, x["requests"])
-                                                           for x in results)}
+                                                           for x in results),
+            "others_cpu_s": [round(x["others_cpu_s"], 2) for x in results]}
+
+
+def wait_idle(max_wait: float, busy_max: float = 10.0) -> bool:
+    """Until the machine has been under ``busy_max`` % CPU for 3 s in a row (the server idle between
+    rounds), at most ``max_wait`` seconds; whether it was."""
+    import psutil
+
+    end, quiet = time.monotonic() + max_wait, 0
+    while time.monotonic() < end:
+        quiet = quiet + 1 if psutil.cpu_percent(interval=1.0) < busy_max else 0
+        if quiet >= 3:
+            return True
+    return False
+
+
+def measure(args, http: int, grpc_port: int, pid: int) -> tuple[dict[str, list[dict]], list[dict]]:
+    """--repeats rounds of every cell in which no other process used OTHERS_MAX CPU seconds in any cell;
+    a disturbed round is set aside (kept in the report) and run again; a round for which the machine
+    stays busy --max-wait seconds is not run. --max-rounds attempts in all at most. Stopped (SIGTERM,
+    Ctrl-C), it returns the rounds it has."""
+    rounds: dict[str, list[dict]] = {c: [] for c in CELLS}
+    disturbed: list[dict] = []
+    try:
+        for attempt in range(args.max_rounds):
+            if len(rounds[CELLS[0]]) >= args.repeats:
+                break
+            if not wait_idle(args.max_wait):
+                print(f"round {attempt + 1}: the machine stayed busy for {args.max_wait:g} s; not run", flush=True)
+                continue
+            results = {cell: one_cell(cell, args, http, grpc_port, pid) for cell in CELLS}
+            clean = all(r["others_cpu_s"] < OTHERS_MAX for r in results.values())
+            cells = ", ".join(f"{c} {r['requests_per_second']:,.0f} req/s (others {r['others_cpu_s']:.1f} s)"
+                              for c, r in results.items())
+            print(f"round {attempt + 1} ({'kept' if clean else 'disturbed, set aside'}): {cells}", flush=True)
+            if not clean:
+                disturbed.append(results)
+                continue
+            for cell, r in results.items():
+                rounds[cell].append(r)
+    except (KeyboardInterrupt, SystemExit):
+        print("stopped: reporting the rounds kept so far", flush=True)
+    return rounds, disturbed
 
 
 def main() -> None:
@@ -159,34 +221,32 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="undisturbed rounds wanted")
+    p.add_argument("--max-rounds", type=int, default=15, help="rounds run at most, disturbed ones included")
+    p.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for an idle machine before a round")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the server is stopped on the way out
     load_before = os.getloadavg()[0]
     http, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "resnet_edge", "serve", "--model", str(args.model), "--model-name", "m",
            "--port", str(http), "--grpc-port", str(grpc_port)]
-    rounds: dict[str, list[dict]] = {c: [] for c in CELLS}
     with tempfile.TemporaryDirectory() as tmp:
         proc = launch(cmd, Path(tmp) / "serve.log", http)
         try:
-            for r in range(args.repeats):
-                for cell in CELLS:
-                    result = one_cell(cell, args, http, grpc_port, proc.pid)
-                    rounds[cell].append(result)
-                    print(f"round {r + 1} {cell:20s} {result['requests_per_second']:8,.0f} req/s "
-                          f"errors {result['errors']}", flush=True)
+            rounds, disturbed = measure(args, http, grpc_port, proc.pid)
         finally:
             stop([proc])
+    if not rounds[CELLS[0]]:
+        raise SystemExit("no undisturbed round (the machine was busy, or the run was stopped first): nothing written")
     cells = {cell: summary(results) for cell, results in rounds.items()}
     m = machine()
     report = {"machine": m, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
               "settings": {"model": str(args.model), "clients": args.clients, "window": args.window,
-                           "seconds": args.seconds, "repeats": args.repeats},
-              "cells": cells, "raw": rounds}
+                           "seconds": args.seconds, "repeats": args.repeats, "others_max_cpu_s": OTHERS_MAX},
+              "cells": cells, "raw": rounds, "disturbed_rounds": disturbed}
     save_report(args.out, f"serve_grpc_stream-{cpu_slug(m.get('cpu'))}", report, markdown(report))
     print(markdown(report))
-
 
 if __name__ == "__main__":
     main()
