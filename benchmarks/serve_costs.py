@@ -4,9 +4,9 @@ on this machine: the transport floors, the model's own cost and `serve`, side by
 Cells (all with the closed-loop clients of serve_loadgen.py, --clients at once, single images):
 - floors: trivial servers that answer every request with the same 60 bytes, doing no work at all:
   HTTP/1.1 (uvicorn + httptools + uvloop, as `serve` runs), gRPC unary (grpc.aio on uvloop, as
-  `serve --grpc-port` runs) and gRPC bidirectional streaming (one stream per client; `serve` has no
-  streaming method, this only says what one would cost; its client is this script's, one request at a
-  time on each stream). Each floor's server + client CPU per request
+  `serve --grpc-port` runs) and gRPC bidirectional streaming (one stream per client; a floor for
+  `serve`'s ModelStreamInfer, which benchmarks/serve_grpc_stream.py measures; its client is this script's,
+  one request at a time on each stream). Each floor's server + client CPU per request
   is the least any server on that transport costs here.
 - inference: the model alone in ONNX Runtime, created as `serve` creates it, CPU per image at the
   batch size `serve` formed in the JSON cells.
