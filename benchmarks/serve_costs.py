@@ -189,7 +189,7 @@ def format_us(seconds: float = 1.0) -> dict[str, float]:
 
     def http(mode: str, i: int) -> None:
         body, length = bodies[mode][i % 64]
-        encode_http_response("m", parse_http_request(body, length), logits)
+        encode_http_response("m", "1", parse_http_request(body, length), logits)
 
     def grpc(i: int, wire=grpc_requests("m", images)) -> None:
         parsed = grpc_infer_request(request_class.FromString(wire[i % 64]))

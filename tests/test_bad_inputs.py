@@ -403,6 +403,8 @@ def _ctrl_c_at_write(args, write: int, monkeypatch):
         monkeypatch.delenv(FAIL_AT_WRITE)
 
 
+@pytest.mark.slow  # 24 s: nine exports, each stopped at its next write (test_int8_portability.py's
+# test_interrupted_export_leaves_the_old_files_whole stops one in the default suite)
 def test_export_stopped_at_each_write_keeps_the_previous_export_whole(tmp_path, monkeypatch):
     """`export --quantize` of a new checkpoint stopped at each of its writes in turn, by SIGKILL (a process
     of its own, nothing cleaned up) and Ctrl-C alternately, until one completes: after each stop the run

@@ -17,7 +17,7 @@ def test_bench_writes_every_report_field(tmp_path, trained_run):
     run, _, _ = trained_run
     out = tmp_path / "bench"
     result = runner.invoke(app, ["bench", "--run", str(run), "--batch-sizes", "1,4", "--duration", "0.05",
-                                 "--min-runs", "5", "--out", str(out), "--quiet"])
+                                 "--min-runs", "5", "--repeats", "1", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     machine = report["machine"]

@@ -97,6 +97,8 @@ def test_world_comes_from_torchrun_environment():
         world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.slow  # 18 s: two gloo ranks and a single process trained side by side (GlobalBatchNorm2d's
+# arithmetic over ranks is test_training_parts.py's, in the default suite)
 def test_two_gloo_processes_match_one_process_and_the_checkpoint_exports(tmp_path, single_runs):
     from resnet_edge.export.onnx_export import export_run
 
@@ -130,6 +132,7 @@ def _worker_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # 9 s: torchrun, a rank killed, then a resume
 def test_killed_rank_stops_torchrun_job_then_resume_with_one_process(tmp_path, mnist, single_runs):
     """torchrun, 2 gloo processes; rank 1 is SIGKILLed after the first checkpoint: the whole job ends
     (no hang), the checkpoint is a whole one of a finished epoch, and resuming it in ONE process ends
@@ -177,6 +180,7 @@ def test_nproc_mistakes_are_one_line():
         del os.environ["WORLD_SIZE"]
 
 
+@pytest.mark.slow  # 9 s: torchrun with a rank that fails
 def test_a_failing_rank_of_nproc_is_one_error_line(tmp_path):
     """A mistake that only the ranks see (here a missing --data-dir) ends `train --nproc 2` with one line
     from the launching process, not the launcher's tracebacks."""

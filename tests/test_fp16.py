@@ -131,7 +131,7 @@ def test_bench_measures_fp16_on_the_cpu_only_when_asked(fp16_run, tmp_path):
     run, _ = fp16_run
     out = tmp_path / "b"
     args = ["bench", "--run", str(run), "--no-torch", "--batch-sizes", "1", "--duration", "0.05", "--min-runs", "5",
-            "--quiet", "--out", str(out)]
+            "--repeats", "1", "--quiet", "--out", str(out)]
     assert runner.invoke(app, args).exit_code == 0
     assert {r["variant"] for r in json.loads((out / "bench.json").read_text())["rows"]} == {"onnx-fp32", "onnx-int8"}
     assert runner.invoke(app, args + ["--fp16"]).exit_code == 0

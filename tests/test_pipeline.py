@@ -35,7 +35,7 @@ def test_stages_chain_without_run_flags(trained_run, tmp_path, monkeypatch, mnis
     _ok(["export", "--quiet"])
     assert (tmp_path / "exported" / "resnet8" / "model.onnx").exists()
     assert "test accuracy" in _ok(["eval"]).stdout
-    _ok(["bench", "--no-torch", "--batch-sizes", "2", "--duration", "0.02", "--min-runs", "3", "--quiet"])
+    _ok(["bench", "--no-torch", "--batch-sizes", "2", "--duration", "0.02", "--min-runs", "3", "--repeats", "1", "--quiet"])
     assert json.loads((tmp_path / "exported" / "resnet8" / "bench.json").read_text())["recommendation"]
     png = tmp_path / "seven.png"
     Image.fromarray(mnist.test_images[0]).save(png)
@@ -85,6 +85,7 @@ def test_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
+@pytest.mark.slow  # 9 s: ResNet-50's export and parity (its blocks' shapes are test_models.py's)
 def test_bottleneck_resnet50_exports_with_parity(tmp_path):
     """The Bottleneck family through the same exporter: BatchNorm folded, parity at 1/7/64."""
     import onnx
@@ -107,7 +108,8 @@ def test_bottleneck_resnet50_exports_with_parity(tmp_path):
     assert "BatchNormalization" not in ops and "Conv" in ops
 
 
-@pytest.mark.parametrize("method", ["entropy", "percentile"])
+# entropy: 17 s of ONNX Runtime's KL search over its histograms; test_calibration.py runs it on a small model
+@pytest.mark.parametrize("method", [pytest.param("entropy", marks=pytest.mark.slow), "percentile"])
 def test_calibration_methods(trained_run, tmp_path, method, mnist):
     from resnet_edge.core.config import QuantizationConfig
     from resnet_edge.core.contract import to_pixels

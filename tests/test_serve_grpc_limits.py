@@ -201,6 +201,7 @@ from google.protobuf.message import Message
 from resnet_edge.core.config import ServerConfig
 from resnet_edge.serving.proto import SERVICE, messages
 from resnet_edge.serving.state import ServerState
+from resnet_edge.serving.models import ServedModel
 from resnet_edge.serving import grpc_front
 
 SIZE = 4 * 2**20
@@ -227,7 +228,8 @@ async def main():
         port = s.getsockname()[1]
     config = ServerConfig(model_path="m.onnx", model_name="m", grpc_port=port, max_body_bytes=2 * SIZE,
                           max_pending_bytes=8 * SIZE, client_timeout=5)
-    state = ServerState(config, {})  # no batcher: not ready, a valid request is UNAVAILABLE once parsed
+    state = ServerState(config)
+    state.models.add(ServedModel("m", "1", None))  # not loaded: a valid request is UNAVAILABLE once parsed
     server = grpc_front.GrpcServer(state)
     await server.start()
     rows = SIZE // 784

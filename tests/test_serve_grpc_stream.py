@@ -223,8 +223,13 @@ def _state(**config):
     from resnet_edge.core.config import ServerConfig
     from resnet_edge.serving.state import ServerState
 
-    state = ServerState(ServerConfig(model_path="m.onnx", model_name="m", **config), {})
-    state.batcher, state.ready = _HeldBatcher(), True
+    from resnet_edge.serving.models import READY, ServedModel
+
+    state = ServerState(ServerConfig(model_path="m.onnx", model_name="m", **config))
+    model = ServedModel("m", "1", None)
+    model.batcher, model.state, model.recorder = _HeldBatcher(), READY, state.models.recorder("m", "1")
+    state.models.add(model)
+    state.batcher, state.started = model.batcher, True
     return state
 
 

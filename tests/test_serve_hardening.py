@@ -589,7 +589,7 @@ def test_non_finite_logits_stay_nan_and_infinity_in_json():
     from resnet_edge.serving.v2 import InferRequest, encode_http_response
 
     logits = np.array([[np.inf, -np.inf, np.nan] + [0.5] * 7], np.float32)
-    body, _ = encode_http_response("m", InferRequest(np.zeros((1, 1, 28, 28), np.float32), [("logits", False)]), logits)
+    body, _ = encode_http_response("m", "1", InferRequest(np.zeros((1, 1, 28, 28), np.float32), [("logits", False)]), logits)
     data = json.loads(body)["outputs"][0]["data"]
     assert data[0] == np.inf and data[1] == -np.inf and np.isnan(data[2]) and data[3] == 0.5
 
@@ -636,7 +636,7 @@ def test_json_far_larger_than_its_shape_is_413_before_parsing(server, monkeypatc
     r = httpx.post(_infer_url(url), content=wrong, timeout=10)
     assert r.status_code == 413 and "a JSON request of 1 images needs at most" in r.json()["error"], r.text
     monkeypatch.setattr(state_module, "parse_http_request", lambda *args: pytest.fail("the body was parsed"))
-    state = state_module.ServerState(ServerConfig(model_path="m.onnx"), {})
+    state = state_module.ServerState(ServerConfig(model_path="m.onnx"))
     with pytest.raises(RequestError, match="a JSON request of 1 images needs at most"):
         asyncio.run(state.parse(wrong, None))
     assert state.processes is None  # no parser process was started for it either
@@ -1040,7 +1040,7 @@ def test_a_dead_parser_process_pool_is_shut_down():
         def shutdown(self, wait=True, cancel_futures=False):
             self.shut = True
 
-    state = ServerState(ServerConfig(model_path="m.onnx"), {})
+    state = ServerState(ServerConfig(model_path="m.onnx"))
     state.processes = broken = Broken()
     with pytest.raises(RequestError) as info:
         asyncio.run(state.parse(b'{"inputs": [{"shape": [1000, 784]' + b" " * PROCESS_BYTES, None))

@@ -251,7 +251,7 @@ def test_a_header_length_past_the_body_is_400_before_any_parser_starts():
     from resnet_edge.serving.state import ServerState
     from resnet_edge.serving.v2 import RequestError
 
-    state = ServerState(ServerConfig(model_path="m.onnx"), {})
+    state = ServerState(ServerConfig(model_path="m.onnx"))
     with pytest.raises(RequestError) as info:
         asyncio.run(state.parse(b'{"inputs":1}', "999999999999"))
     assert info.value.status == 400 and state.processes is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -29,10 +30,16 @@ ORT = typer.Option(PackageConfig.ort, help="Also write ORT-format models (parity
 VARIANT = typer.Option("auto", help=VARIANT_HELP)
 REPOSITORY = typer.Option(
     None,
-    help="A Triton model repository (`resnet-edge package` writes <run>/deploy/triton); serves --model-name from it.",
+    help="A Triton model repository (`resnet-edge package` writes <run>/deploy/triton): serves every model and "
+    "version in it (with --model-name, that model only at start).",
 )
 MODEL_NAME = typer.Option(
-    None, help="Name in the URLs (default: the architecture; with --repository, the model to serve)."
+    None, help="Name in the URLs (default: the architecture; with --repository, the one model to load at start)."
+)
+MODEL_CONTROL = typer.Option(
+    ServerConfig.model_control,
+    help="none | explicit: with explicit, POST /v2/repository/models/{name}/load and /unload (and gRPC's) "
+    "load and unload a --repository's models while the server runs.",
 )
 HOST = typer.Option(ServerConfig.host, help="Address to listen on.")
 PORT = typer.Option(ServerConfig.port, help="Port to listen on.")
@@ -122,6 +129,7 @@ def serve_cli(
     grpc_port: int = GRPC_PORT,
     metrics_port: int = METRICS_PORT,
     metrics: bool = METRICS,
+    model_control: str = MODEL_CONTROL,
 ) -> None:
     """Serve the model: Open Inference Protocol (KServe v2) over HTTP (JSON and binary tensors) and gRPC,
     and /v1/predict for image files."""
@@ -132,6 +140,7 @@ def serve_cli(
         max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_bytes=max_body_bytes,
         max_pending_bytes=max_pending_bytes, max_connections=max_connections, client_timeout=client_timeout,
         host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, metrics=metrics,
+        repository=repository, model_control=model_control,
     )  # fmt: skip  # checked before any model is read
     _choose_served_model(config, run, model, variant, repository)
     serve(config, announce=_announce)
@@ -141,7 +150,7 @@ def _choose_served_model(
     config: ServerConfig, run: Path | None, model: Path | None, variant: str, repository: Path | None
 ) -> None:
     from resnet_edge.core.providers import is_cpu_provider
-    from resnet_edge.inference.variants import select_model, select_repository_model
+    from resnet_edge.inference.variants import select_model
 
     if not is_cpu_provider(config.provider):
         from resnet_edge.inference.runtime import check_provider_available
@@ -154,17 +163,26 @@ def _choose_served_model(
         config.model_path = choice.path
         return
     if run is not None or model is not None or variant != "auto":
-        raise UserError("--repository chooses its model with --model-name; give it without --run, --model or --variant")
-    choice = select_repository_model(repository, config.model_name, config.provider)
-    note(f"serving {choice.variant} of {repository} ({choice.reason})")
-    config.model_path, config.model_name = choice.path, choice.variant
+        raise UserError("--repository serves its models by name; give it without --run, --model or --variant")
 
 
-def _announce(c: ServerConfig) -> None:
+def _announce(c: ServerConfig, models: Any) -> None:
+    from resnet_edge.core.names import printable
+    from resnet_edge.serving.models import LOADING, failure_line
+
     grpc = f" and gRPC on {c.host}:{c.grpc_port}" if c.grpc_port else ""
     grpc += f", /metrics also on {c.host}:{c.metrics_port}" if c.metrics_port else ""
     instances = f"{c.instances} instance{'s' if c.instances > 1 else ''}"
+    settings = f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms:g} ms, {instances} a model)"
+    if c.repository is None:
+        note(f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name}{grpc} "
+             f"{settings}")  # fmt: skip
+        return
+    for m in models.all():
+        if m.failed:
+            note(f"warning: {failure_line(m)}")
+    served = [f"{m.name} (version {m.version})" for m in models.all() if m.state == LOADING]
     note(
-        f"serving {c.model_path} as {c.model_name!r} on http://{c.host}:{c.port}/v2/models/{c.model_name}{grpc} "
-        f"(max batch {c.max_batch_size}, max delay {c.max_delay_ms:g} ms, {instances})"
+        f"serving {', '.join(served)} of {printable(c.repository)} on http://{c.host}:{c.port}/v2/models{grpc} "
+        f"{settings}; /v1/predict and the page at / use {models.default}; model control: {c.model_control}"
     )

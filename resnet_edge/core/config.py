@@ -238,6 +238,8 @@ class ServerConfig:
     grpc_port: int = 0  # GRPCInferenceService; 0: no gRPC
     metrics_port: int = 0  # /metrics on a port of its own too (as Triton's :8002); 0: on --port only
     metrics: bool = True  # Prometheus metrics (--no-metrics: none, and /metrics is 404; statistics stay)
+    repository: Path | None = None  # a Triton-layout model repository: every model in it (model_name: only that one)
+    model_control: str = "none"  # none | explicit: whether /v2/repository/models/{name}/load and /unload are allowed
 
     def __post_init__(self) -> None:
         _at_least("--max-batch-size", self.max_batch_size, 1)
@@ -264,10 +266,17 @@ class ServerConfig:
                 raise UserError(f"{option} must be 0-65535, got {port}")
         if self.grpc_port and self.grpc_port == self.port:
             raise UserError(f"--grpc-port must differ from --port ({self.port})")
+        if self.model_control not in MODEL_CONTROL:
+            raise UserError(f"--model-control must be one of {', '.join(MODEL_CONTROL)}, got {self.model_control!r}")
+        if self.model_control == "explicit" and self.repository is None:
+            raise UserError("--model-control explicit loads and unloads models of a --repository; give one")
         if self.metrics_port and not self.metrics:
             raise UserError("--metrics-port serves the metrics that --no-metrics turns off; give one of them")
         if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
             raise UserError(f"--metrics-port must differ from --port and --grpc-port, got {self.metrics_port}")
+
+
+MODEL_CONTROL = ("none", "explicit")  # Triton's --model-control-mode names (poll is not offered)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from resnet_edge.core.contract import (
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.files import read_report
 from resnet_edge.core.machine import CpuInfo, cpu_info
-from resnet_edge.core.names import check_name, is_version, printable, shown
+from resnet_edge.core.names import printable, shown
 from resnet_edge.core.providers import is_cpu_provider, is_tensorrt_provider, provider_name
 
 log = logging.getLogger(__name__)
@@ -309,20 +309,27 @@ def choose_repository_model(
         if name not in models:
             raise UserError(f"{repository}: no model {shown(name)}; it holds {', '.join(models)}")
         return Choice(models[name], name, "--model-name")
-    if len(models) == 1:
-        only = next(iter(models))
-        return Choice(models[only], only, "the repository's only model")
-    int8 = [m for m in models if m.endswith(VARIANT_TABLE["int8"].repository_suffix)]
-    fp16 = [m for m in models if m.endswith(VARIANT_TABLE["fp16"].repository_suffix)]
-    fp32 = [m for m in models if m not in int8 and m not in fp16]
-    cpu = cpu or cpu_info()
+    pick, reason = _default_model(list(models), provider, cpu)
+    return Choice(models[pick], pick, reason)
+
+
+def default_model(names: list[str], provider: str, cpu: CpuInfo | None = None) -> str | None:
+    """Of a repository's model names, the one to use when none is named (None for none)."""
+    return _default_model(names, provider, cpu)[0] if names else None
+
+
+def _default_model(names: list[str], provider: str, cpu: CpuInfo | None) -> tuple[str, str]:
+    if len(names) == 1:
+        return names[0], "the repository's only model"
+    int8 = [m for m in names if m.endswith(VARIANT_TABLE["int8"].repository_suffix)]
+    fp16 = [m for m in names if m.endswith(VARIANT_TABLE["fp16"].repository_suffix)]
+    fp32 = [m for m in names if m not in int8 and m not in fp16]
     on_cpu = is_cpu_provider(provider)
-    if int8 and on_cpu and cpu.int8_dot_product:
-        return Choice(models[int8[0]], int8[0], "this CPU has int8 dot-product instructions; --model-name chooses")
+    if int8 and on_cpu and (cpu or cpu_info()).int8_dot_product:
+        return int8[0], "this CPU has int8 dot-product instructions; --model-name chooses"
     if fp16 and not on_cpu:
-        return Choice(models[fp16[0]], fp16[0], f"FP16 on a GPU provider ({provider}); --model-name chooses")
-    pick = (fp32 or int8 or fp16)[0]
-    return Choice(models[pick], pick, "FP32 on this CPU/provider by default; --model-name chooses")
+        return fp16[0], f"FP16 on a GPU provider ({provider}); --model-name chooses"
+    return (fp32 or int8 or fp16)[0], "FP32 on this CPU/provider by default; --model-name chooses"
 
 
 def select_repository_model(repository: Path, model_name: str | None, provider: str) -> Choice:
@@ -335,24 +342,13 @@ def select_repository_model(repository: Path, model_name: str | None, provider: 
 
 
 def repository_models(repository: Path) -> dict[str, Path]:
-    """Model name -> the model.onnx of its highest numbered version, for a Triton-style repository."""
-    if not repository.is_dir():
-        raise UserError(f"{repository}: no model repository there")
-    found = {}
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and (p / TRITON_CONFIG).exists()):
-        folders = [v for v in model_dir.iterdir() if v.is_dir()]
-        for v in folders:  # Python reads '²' or '٣' as digits, Triton does not: refused, not guessed at
-            if v.name.isnumeric() and not v.name.isascii():
-                raise UserError(
-                    f"{printable(repository)}: model {shown(model_dir.name)}: the version folder "
-                    f"{shown(v.name)} is not a version number in ASCII digits"
-                )
-        # versions as Triton reads them: ASCII digits without a leading zero; other folders are not versions
-        versions = sorted(
-            (v for v in folders if is_version(v.name) and (v / TRITON_MODEL_FILE).exists()), key=lambda v: int(v.name)
-        )
-        if versions:  # its folder's name becomes the served name, in URLs: the one rule of names.py
-            found[check_name(model_dir.name, f"{repository}: the folder")] = versions[-1] / TRITON_MODEL_FILE
+    """Model name -> the model.onnx of its highest numbered version, for a Triton-style repository (the
+    models core/repository.py finds nothing wrong with)."""
+    from resnet_edge.core.repository import scan_repository
+
+    found = {
+        name: m.versions[max(m.versions, key=int)] for name, m in scan_repository(repository).items() if m.versions
+    }
     if not found:
         raise UserError(f"{repository}: no <model>/{TRITON_CONFIG} with a <version>/{TRITON_MODEL_FILE} in it")
     return found

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from resnet_edge.core.config import ServerConfig
 from resnet_edge.serving.state import ServerState
 from resnet_edge.serving.v2 import HEADER_LENGTH, RequestError, ascii_count, encode_http_response
 
@@ -20,14 +19,6 @@ log = logging.getLogger(__name__)
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 JSON_TYPE = (b"content-type", b"application/json")
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, body, headers besides content-length
-
-
-def check_model(config: ServerConfig, name: str, version: str = "1") -> None:
-    """404 unless the URL names the model this server serves, version 1."""
-    if name != config.model_name:
-        raise RequestError(404, f"unknown model {name[:100]!r}; this server serves {config.model_name!r}")
-    if version != "1":
-        raise RequestError(404, f"unknown version {version[:20]!r} of {name!r}; this server has version 1")
 
 
 class RequestBody:
@@ -108,24 +99,26 @@ async def infer_response(
     state: ServerState, headers: Any, receive: Callable[[], Any], name: str, version: str | None
 ) -> Answer:
     """POST .../infer: status, body and extra headers (JSON errors as {"error": message})."""
-    config = state.config
     started, timing = time.perf_counter_ns(), [0]
     protocol = "binary" if headers.get(HEADER_LENGTH.lower()) is not None else "json"
     try:
-        check_model(config, name, version or "1")
+        model = state.models.lookup(name, version)
     except RequestError as exc:  # no model of ours: counted by no model's statistics
         return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
+    recorder = model.recorder
     try:
         async with RequestBody(headers, receive, state) as raw:
             parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
-            logits = await state.infer(parsed.pixels, timing)
+            logits = await model.infer(parsed.pixels, timing)
             body, header_length = await state.work(
-                encode_http_response, config.model_name, parsed, logits, size=logits.nbytes * 8
+                encode_http_response, model.name, model.version, parsed, logits, size=logits.nbytes * 8
             )
     except RequestError as exc:
-        state.recorder.request_done(protocol, exc.status, started, timing[0])
+        if recorder is not None:
+            recorder.request_done(protocol, exc.status, started, timing[0])
         return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
-    state.recorder.request_done(protocol, 200, started, timing[0])
+    if recorder is not None:
+        recorder.request_done(protocol, 200, started, timing[0])
     if header_length is None:
         return 200, body, [JSON_TYPE]
     return (

@@ -33,6 +33,16 @@ class _Job:
     queued: float = 0.0  # event-loop time it was queued: a batch waits for company until queued + max_delay
 
 
+class RowBudget:
+    """Rows accepted and not answered yet, counted against --max-queue across every model's batcher (the
+    server's limit, shared: serving more models never means more rows held)."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.held, self.limit = 0, limit
+
+
 @dataclass
 class Served:
     """What the batcher has answered so far (/v2/models/{name}/stats)."""
@@ -64,6 +74,7 @@ class DynamicBatcher:
         on_death: Callable[[str], None] | None = None,
         instances: int = 1,
         on_batch: Callable[[int, list[int], int, int, int], None] | None = None,
+        budget: RowBudget | None = None,
     ) -> None:
         self.session = session
         self.max_batch_size = max_batch_size
@@ -81,6 +92,7 @@ class DynamicBatcher:
         self.failure: BaseException | None = None  # what killed it, when a running batch did
         self.served = Served()
         self.callers_waiting = 0  # requests whose caller still awaits its answer (queued or in a running batch)
+        self.budget = budget or RowBudget(max_queue)  # the server's rows held, every batcher together
         self.rows_held = 0  # rows queued, gathering or running: counted against max_queue until they leave the
         #                     batcher (a caller that went away leaves its rows counted until they are dropped, so
         #                     /stats can show rows held with no caller waiting)
@@ -130,8 +142,10 @@ class DynamicBatcher:
             raise RequestError(
                 413, f"a request of {n} images is over the server's queue of {self.max_queue} (--max-queue)"
             )
-        if self.rows_held + n > self.max_queue:
-            raise Busy(f"server busy: {self.rows_held} images already queued (limit {self.max_queue}); retry later")
+        if self.budget.held + n > self.budget.limit:
+            raise Busy(
+                f"server busy: {self.budget.held} images already queued (limit {self.budget.limit}); retry later"
+            )
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []
@@ -140,6 +154,7 @@ class DynamicBatcher:
             self.queue.put_nowait(_Job(pixels[start : start + self.max_batch_size], future, now))
             futures.append(future)
         self.callers_waiting += 1
+        self.budget.held += n
         self.rows_held += n  # given back as each part leaves the batcher, not when the caller leaves
         try:
             parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
@@ -251,7 +266,9 @@ class DynamicBatcher:
     def _release(self, jobs: list[_Job]) -> None:
         """Rows that left the batcher (answered, failed or dropped) stop counting against --max-queue. A
         caller that goes away leaves its rows queued until the batcher drops them, so they count till then."""
-        self.rows_held -= sum(len(j.pixels) for j in jobs)
+        rows = sum(len(j.pixels) for j in jobs)
+        self.rows_held -= rows
+        self.budget.held -= rows
 
     def _batch_done(self, task: asyncio.Task) -> None:
         jobs = self.running.pop(task, [])

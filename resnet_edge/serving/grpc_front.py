@@ -20,14 +20,16 @@ message too large, no receive slot within --client-timeout), UNAVAILABLE (not re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
 
 import numpy as np
 
-from resnet_edge.core.contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
+from resnet_edge.core.contract import INPUT_NAME, OUTPUT_NAME
 from resnet_edge.core.errors import UserError
+from resnet_edge.serving.models import NotLoaded
 from resnet_edge.serving.proto import SERVICE, messages
 from resnet_edge.serving.state import ServerState
 from resnet_edge.serving.v2 import (
@@ -88,8 +90,10 @@ def grpc_infer_request(request: Any) -> InferRequest:
     return InferRequest(pixels, outputs, request.id)
 
 
-def grpc_infer_response(model_name: str, request: InferRequest, logits: np.ndarray) -> Any:
-    response = messages()["ModelInferResponse"](model_name=model_name, model_version="1", id=request.request_id or "")
+def grpc_infer_response(model: Any, request: InferRequest, logits: np.ndarray) -> Any:
+    response = messages()["ModelInferResponse"](
+        model_name=model.name, model_version=model.version, id=request.request_id or ""
+    )
     tensors = output_tensors(logits, [name for name, _ in request.outputs])
     for name, _ in request.outputs:
         t = np.ascontiguousarray(tensors[name], dtype="<f4")
@@ -103,8 +107,11 @@ def _status(exc: RequestError) -> Any:
 
     if isinstance(exc, Busy) or exc.status == 413:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, NotLoaded):
+        return grpc.StatusCode.UNAVAILABLE
     return {
         400: grpc.StatusCode.INVALID_ARGUMENT,
+        403: grpc.StatusCode.FAILED_PRECONDITION,
         404: grpc.StatusCode.NOT_FOUND,
         503: grpc.StatusCode.UNAVAILABLE,
         TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -119,26 +126,19 @@ def parse_message(cls: Any, holder: list[bytes]) -> Any:
         raise RequestError(400, "the request is not a valid protobuf message of this method") from None
 
 
-def check_model(name: str, version: str, served: str) -> None:
-    if name != served:
-        raise RequestError(404, f"unknown model {name[:100]!r}; this server serves {served!r}")
-    if version not in ("", "1"):
-        raise RequestError(404, f"unknown version {version[:20]!r} of {name[:100]!r}; this server has version 1")
-
-
-def parse_model_infer(holder: list[bytes], served: str) -> InferRequest:
-    """A ModelInfer message's bytes (popped from ``holder``) -> checked pixels: in the request thread pool
-    (on the event loop for a message of at most INLINE_BYTES). The bytes and the parsed message are gone
-    when this returns or raises RequestError."""
+def parse_model_infer(holder: list[bytes]) -> tuple[str, str, str, InferRequest | RequestError]:
+    """A ModelInfer message's bytes (popped from ``holder``) -> its id, model name and version, and its
+    checked pixels, or the RequestError of a check: in the request thread pool (on the event loop for a
+    message of at most INLINE_BYTES). The error is returned afresh, not raised: no traceback into the
+    frames that hold the message, gone when this returns. A message that is no ModelInferRequest raises."""
     request = parse_message(messages()["ModelInferRequest"], holder)
+    request_id, name, version = request.id, request.model_name, request.model_version
     try:
-        check_model(request.model_name, request.model_version, served)
-        return grpc_infer_request(request)
-    except RequestError as exc:  # raised afresh: no traceback into the frames that hold the message
-        status, message = exc.status, str(exc)
+        return request_id, name, version, grpc_infer_request(request)
+    except RequestError as exc:
+        return request_id, name, version, RequestError(exc.status, str(exc))
     finally:
         del request
-    raise RequestError(status, message)
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -175,9 +175,6 @@ class GrpcServer:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.config = state.config
-        if self.config.model_name is None:
-            raise ValueError("GrpcServer needs the name of the model it serves (create_app sets it)")
-        self.model_name: str = self.config.model_name
         self.server: Any = None
         # receive slots of ModelInfer, and of the other methods (never delayed by inference)
         self.infer_slots = asyncio.Semaphore(receive_slots(self.config))
@@ -220,16 +217,15 @@ class GrpcServer:
     def _handlers(self) -> Any:
         import grpc
 
+        from resnet_edge.serving.grpc_models import CALLS
+
         classes = messages()
         calls = {
             "ServerLive": self._server_live,
             "ServerReady": self._server_ready,
-            "ModelReady": self._model_ready,
             "ServerMetadata": self._server_metadata,
-            "ModelMetadata": self._model_metadata,
             "ModelInfer": self._model_infer,
-            "ModelConfig": self._model_config,
-            "ModelStatistics": self._model_statistics,
+            **{name: functools.partial(call, self) for name, call in CALLS.items()},
         }
         handlers = {
             name: grpc.stream_unary_rpc_method_handler(  # one message, read by the handler: see _receive
@@ -298,7 +294,7 @@ class GrpcServer:
             raise RequestError(400, "the call ended without a request message")
         return data
 
-    async def _request(self, cls: Any, context: Any) -> Any:
+    async def request(self, cls: Any, context: Any) -> Any:
         """The message of a method other than ModelInfer (small ones are parsed inline)."""
         data = await self._receive(context, self.other_slots)
         try:
@@ -309,72 +305,33 @@ class GrpcServer:
             self.other_slots.release()
 
     async def _server_live(self, cls: Any, context: Any) -> Any:
-        await self._request(cls, context)
+        await self.request(cls, context)
         return messages()["ServerLiveResponse"](live=True)
 
     async def _server_ready(self, cls: Any, context: Any) -> Any:
-        await self._request(cls, context)
+        await self.request(cls, context)
         return messages()["ServerReadyResponse"](ready=self.state.is_ready)
-
-    async def _model_ready(self, cls: Any, context: Any) -> Any:
-        request = await self._request(cls, context)
-        check_model(request.name, request.version, self.model_name)
-        return messages()["ModelReadyResponse"](ready=self.state.is_ready)
 
     async def _server_metadata(self, cls: Any, context: Any) -> Any:
         from resnet_edge import __version__
 
-        await self._request(cls, context)
+        await self.request(cls, context)
         return messages()["ServerMetadataResponse"](
             name="resnet-edge", version=__version__, extensions=[]
         )  # binary_tensor_data is HTTP's; gRPC has raw contents
 
-    async def _model_metadata(self, cls: Any, context: Any) -> Any:
-        request = await self._request(cls, context)
-        check_model(request.name, request.version, self.model_name)
-        meta = self.state.metadata
-        response = messages()["ModelMetadataResponse"](
-            name=meta["name"], versions=meta["versions"], platform=meta["platform"]
-        )
-        response.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[-1, *INPUT_SHAPE])
-        for name in OUTPUTS:
-            response.outputs.add(name=name, datatype="FP32", shape=[-1, NUM_CLASSES])
-        return response
-
-    async def _model_config(self, cls: Any, context: Any) -> Any:
-        """Triton's ModelConfig: the served model's configuration (as GET .../config answers it)."""
-        from google.protobuf import json_format
-
-        request = await self._request(cls, context)
-        check_model(request.name, request.version, self.model_name)
-        response = messages()["ModelConfigResponse"]()
-        json_format.ParseDict(self.state.model_config, response.config)
-        return response
-
-    async def _model_statistics(self, cls: Any, context: Any) -> Any:
-        """Triton's ModelStatistics (as GET .../stats answers its model_stats); no name: every model."""
-        from google.protobuf import json_format
-
-        request = await self._request(cls, context)
-        if request.name:
-            check_model(request.name, request.version, self.model_name)
-        response = messages()["ModelStatisticsResponse"]()
-        json_format.ParseDict({"model_stats": [self.state.recorder.statistics.triton_json()]}, response)
-        return response
-
     async def _model_infer(self, cls: Any, context: Any) -> Any:
-        """ModelInfer, counted in the statistics and metrics (a call for a model not served is not)."""
-        started, timing = time.perf_counter_ns(), [0]
+        """ModelInfer, counted in its model's statistics and metrics (a call for a model not served is not)."""
+        started, timing, served = time.perf_counter_ns(), [0], list[Any]()
         try:
-            response = await self._model_infer_counted(cls, context, timing)
+            response = await self._model_infer_counted(cls, context, timing, served)
         except RequestError as exc:
-            if exc.status != 404:  # ModelInfer's only 404: a model or version this server does not serve
-                self.state.recorder.request_done("grpc", exc.status, started, timing[0])
+            record(served, exc.status, started, timing)
             raise
-        self.state.recorder.request_done("grpc", 200, started, timing[0])
+        record(served, 200, started, timing)
         return response
 
-    async def _model_infer_counted(self, cls: Any, context: Any, timing: list[int]) -> Any:
+    async def _model_infer_counted(self, cls: Any, context: Any, timing: list[int], served: list[Any]) -> Any:
         """Received in a slot, its bytes counted in the budget shared with HTTP (--max-pending-bytes) until
         the answer is built; parsed as state.work places it, the bytes dropped as soon as parsed."""
         slots = self.infer_slots
@@ -385,7 +342,7 @@ class GrpcServer:
             del data
             self.state.take_bytes(size)  # Busy: RESOURCE_EXHAUSTED
             try:
-                parsed = await self.state.work(parse_model_infer, holder, self.model_name, size=size)
+                _, name, version, parsed = await self.state.work(parse_model_infer, holder, size=size)
             except BaseException:
                 self.state.give_bytes(size)
                 raise
@@ -393,7 +350,25 @@ class GrpcServer:
             holder = None
             slots.release()
         try:
-            logits = await self.state.infer(parsed.pixels, timing)
-            return grpc_infer_response(self.model_name, parsed, logits)
+            return await infer_parsed(self.state, name, version, parsed, timing, served)
         finally:
             self.state.give_bytes(size)
+
+
+async def infer_parsed(
+    state: ServerState, name: str, version: str, parsed: InferRequest | RequestError, timing: list[int], served: list
+) -> Any:
+    """A parsed ModelInfer (unary or streamed) -> its answer: the model looked up (404 for one not served,
+    counted nowhere; else ``served`` holds it, to count the request), then the parse's error or the logits."""
+    model = state.models.lookup(name, version or None)
+    served.append(model)
+    if isinstance(parsed, RequestError):
+        raise parsed
+    logits = await model.infer(parsed.pixels, timing)
+    return grpc_infer_response(model, parsed, logits)
+
+
+def record(served: list[Any], code: int, started: int, timing: list[int]) -> None:
+    """One request of the model in ``served`` (none: not counted) answered with ``code``."""
+    if served and served[0].recorder is not None:
+        served[0].recorder.request_done("grpc", code, started, timing[0])

@@ -29,16 +29,9 @@ import logging
 import time
 from typing import Any
 
-from resnet_edge.serving.grpc_front import (
-    _status,
-    check_model,
-    grpc_infer_request,
-    grpc_infer_response,
-    max_rpcs,
-    parse_message,
-)
+from resnet_edge.serving.grpc_front import _status, infer_parsed, max_rpcs, parse_model_infer, record
 from resnet_edge.serving.proto import messages
-from resnet_edge.serving.v2 import InferRequest, RequestError
+from resnet_edge.serving.v2 import RequestError
 
 log = logging.getLogger(__name__)
 # Requests of one stream read and not yet answered. Enough to keep the batcher fed from one stream (8 rows
@@ -47,27 +40,11 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 8
 
 
-def parse_streamed(holder: list[bytes], served: str) -> tuple[str, InferRequest | RequestError]:
-    """parse_model_infer's parsing and checks of the message popped from ``holder``, keeping the request's
-    id for its answer, an error's too. A check's RequestError is returned afresh, not raised: no traceback
-    into the frames that hold the message. A message that is no ModelInferRequest raises (no id to keep)."""
-    request = parse_message(messages()["ModelInferRequest"], holder)
-    request_id = request.id
-    try:
-        check_model(request.model_name, request.model_version, served)
-        return request_id, grpc_infer_request(request)
-    except RequestError as exc:
-        return request_id, RequestError(exc.status, str(exc))
-    finally:
-        del request
-
-
 class StreamInfer:
     """ModelStreamInfer of a grpc_front.GrpcServer: the streams open, and the event that ends them."""
 
     def __init__(self, front: Any) -> None:
         self.state = front.state
-        self.model_name: str = front.model_name
         self.limit = max_rpcs(front.config)
         self.open = 0
         self.closing = asyncio.Event()
@@ -149,13 +126,15 @@ class _Stream:
         """One request: its answer (or error) written on the stream, then its place in flight given back."""
         import grpc
 
-        started, timing, request_id = time.perf_counter_ns(), [0], [""]
+        started, timing, request_id, served = time.perf_counter_ns(), [0], [""], list[Any]()
         holder = [data]
         del data
         classes = messages()
         code: int | None = 200
         try:
-            response = classes["ModelStreamInferResponse"](infer_response=await self._infer(holder, timing, request_id))
+            response = classes["ModelStreamInferResponse"](
+                infer_response=await self._infer(holder, timing, request_id, served)
+            )
         except RequestError as exc:
             code, response = exc.status, self._error(_status(exc), str(exc), request_id[0])
         except Exception:
@@ -163,8 +142,8 @@ class _Stream:
             code, response = None, self._error(grpc.StatusCode.INTERNAL, "internal server error", request_id[0])
         finally:
             holder.clear()
-        if code is not None and code != 404:  # 404: a model or version this server does not serve
-            self.state.recorder.request_done("grpc", code, started, timing[0])
+        if code is not None:  # counted by its model (none: a model or version this server does not serve)
+            record(served, code, started, timing)
         try:
             async with self.writing:
                 await self.context.write(response)
@@ -173,16 +152,13 @@ class _Stream:
         finally:
             self.in_flight.release()
 
-    async def _infer(self, holder: list[bytes], timing: list[int], request_id: list[str]) -> Any:
+    async def _infer(self, holder: list[bytes], timing: list[int], request_id: list[str], served: list) -> Any:
         """Unary ModelInfer's path for one message: counted in --max-pending-bytes until its answer is built."""
         size = len(holder[0])
         self.state.take_bytes(size)  # Busy: RESOURCE_EXHAUSTED
         try:
-            request_id[0], parsed = await self.state.work(parse_streamed, holder, self.owner.model_name, size=size)
-            if isinstance(parsed, RequestError):
-                raise parsed
-            logits = await self.state.infer(parsed.pixels, timing)
-            return grpc_infer_response(self.owner.model_name, parsed, logits)
+            request_id[0], name, version, parsed = await self.state.work(parse_model_infer, holder, size=size)
+            return await infer_parsed(self.state, name, version, parsed, timing, served)
         finally:
             self.state.give_bytes(size)
 

@@ -22,7 +22,8 @@ from starlette.routing import Route
 from resnet_edge.core.contract import digit_prediction
 from resnet_edge.core.providers import is_cuda_device_provider
 from resnet_edge.inference.preprocess import ImageError, image_to_pixels
-from resnet_edge.serving.asgi import RequestBody, check_model, infer_response
+from resnet_edge.serving.asgi import RequestBody, infer_response
+from resnet_edge.serving.models import check_control, names_on_disk
 from resnet_edge.serving.multipart import multipart_file
 from resnet_edge.serving.state import ServerState
 from resnet_edge.serving.v2 import RequestError
@@ -39,6 +40,7 @@ def add_routes(app: Any, state: ServerState) -> None:
     add_stats_route(app, state)  # before /v2/models/{name}, which would take /v2/models/stats
     add_health_routes(app, state)
     add_inference_routes(app, state)
+    add_repository_routes(app, state)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -107,15 +109,15 @@ def add_page_route(app: Any) -> None:
         return Response(status_code=204, headers={"cache-control": "max-age=86400"})
 
 
-def _ready_response(state: ServerState, body: dict[str, Any]) -> Response:
-    return JSONResponse({**body, "ready": state.is_ready}, status_code=200 if state.is_ready else 503)
+def _ready_response(ready: bool, body: dict[str, Any]) -> Response:
+    return JSONResponse({**body, "ready": ready}, status_code=200 if ready else 503)
 
 
 def add_health_routes(app: Any, state: ServerState) -> None:
     """Server and model metadata, liveness and readiness (Open Inference Protocol)."""
     from resnet_edge import __version__
 
-    config = state.config
+    models = state.models
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -127,37 +129,44 @@ def add_health_routes(app: Any, state: ServerState) -> None:
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        return _ready_response(state, {})
+        return _ready_response(state.is_ready, {})
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
-    async def metadata(name: str, version: str = "1") -> dict[str, Any]:
-        check_model(config, name, version)
-        return state.metadata
+    async def metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        model = models.lookup(name, version)
+        if not model.metadata:
+            raise model.not_ready()
+        return model.metadata
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str = "1") -> Response:
-        check_model(config, name, version)
-        return _ready_response(state, {"name": name})
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        model = models.lookup(name, version)
+        return _ready_response(state.started and not state.stopping and model.ready, {"name": name})
 
 
 def add_stats_route(app: Any, state: ServerState) -> None:
     """Triton's statistics extension (/v2/models[/{name}[/versions/{v}]]/stats: "model_stats" in Triton's
     schema), with what Triton has no field for under "server"; Triton's model configuration extension
     (/v2/models/{name}[/versions/{v}]/config); and GET /metrics (Prometheus' text format)."""
+    models = state.models
 
     async def stats_response(name: str | None, version: str | None) -> dict[str, Any]:
-        if name is not None:
-            check_model(state.config, name, version or "1")
-        b = state.batcher
+        if name is None:
+            chosen = models.all()
+        elif version is None:
+            chosen = list(models.models[models.lookup(name).name].values())  # 404 for a model not served
+        else:
+            chosen = [models.lookup(name, version)]
         server = {
             "pending_bytes": state.pending_bytes,
-            "pending_requests": b.callers_waiting if b is not None else 0,
-            "pending_rows": b.rows_held if b is not None else 0,
+            "pending_requests": models.rows_waiting,
+            "pending_rows": models.budget.held,
             **await state.work(_memory_report, state.config.provider),
         }
-        return {"model_stats": [state.recorder.statistics.triton_json()], "server": server}
+        stats = [m.recorder.statistics.triton_json() for m in chosen if m.recorder is not None]
+        return {"model_stats": stats, "server": server}
 
     @app.get("/v2/models/stats")
     async def all_stats() -> dict[str, Any]:
@@ -170,17 +179,19 @@ def add_stats_route(app: Any, state: ServerState) -> None:
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
-    async def model_config(name: str, version: str = "1") -> dict[str, Any]:
-        check_model(state.config, name, version)
-        return state.model_config
+    async def model_config(name: str, version: str | None = None) -> dict[str, Any]:
+        model = models.lookup(name, version)
+        if not model.model_config:
+            raise model.not_ready()
+        return model.model_config
 
     @app.get("/metrics")
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        if state.recorder.metrics is None:
+        if state.metrics is None:
             raise RequestError(404, "metrics are off (serve --no-metrics)")
-        return Response(await state.work(state.recorder.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
+        return Response(await state.work(state.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 def _memory_report(provider: str) -> dict[str, Any]:
@@ -229,17 +240,21 @@ def add_inference_routes(app: Any, state: ServerState) -> None:
         app.router.routes.insert(0, Route(path, infer, methods=["POST"]))
 
     @app.post("/v1/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request, model: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """One image file -> the digit, by the server's default model or ?model=<name>[&version=<v>]."""
         started, timing = time.perf_counter_ns(), [0]
+        served = state.models.predict_model(model, version)  # 404 (uncounted) for a model not served
         try:
             async with RequestBody(request.headers, request.receive, state) as raw:
                 # the multipart form, if any, and the image are both read in the request thread pool
                 pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
-                logits = await state.infer(pixels, timing)
+                logits = await served.infer(pixels, timing)
         except RequestError as exc:
-            state.recorder.request_done("predict", exc.status, started, timing[0])
+            if served.recorder is not None:
+                served.recorder.request_done("predict", exc.status, started, timing[0])
             raise
-        state.recorder.request_done("predict", 200, started, timing[0])
+        if served.recorder is not None:
+            served.recorder.request_done("predict", 200, started, timing[0])
         return digit_prediction(logits[0])
 
 
@@ -254,3 +269,55 @@ def image_pixels(raw: bytes, content_type: str) -> np.ndarray:
         return image_to_pixels(data)
     except ImageError as exc:
         raise RequestError(400, str(exc)) from None
+
+
+def add_repository_routes(app: Any, state: ServerState) -> None:
+    """Triton's model repository extension: POST /v2/repository/index (every model and version, its state
+    and why it is not ready; {"ready": true} for the ready ones only), and with --model-control explicit
+    POST /v2/repository/models/{name}/load and /unload."""
+
+    @app.post("/v2/repository/index")
+    async def index(request: Request) -> Response:
+        body = await _small_json(request, state)
+        only_ready = body.get("ready", False)
+        if not isinstance(only_ready, bool):
+            raise RequestError(400, "'ready' must be true or false")
+        on_disk = await state.work(names_on_disk, state.config.repository)
+        entries = state.models.index(on_disk)
+        return JSONResponse([e for e in entries if e["state"] == "READY" or not only_ready])
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(request: Request, name: str) -> Response:
+        await _control_request(request, state)
+        assert state.config.repository is not None
+        await state.models.load(state.config.repository, name, state.model_died)
+        return JSONResponse({})
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(request: Request, name: str) -> Response:
+        await _control_request(request, state)
+        await state.models.unload(name)
+        return JSONResponse({})
+
+
+async def _small_json(request: Request, state: ServerState) -> dict[str, Any]:
+    """A control request's JSON body ({} when empty), read within the request limits; 400 unless an object."""
+    import json
+
+    async with RequestBody(request.headers, request.receive, state) as raw:
+        if not raw.strip():
+            return {}
+        if len(raw) > 64 * 1024:
+            raise RequestError(413, "a repository request body is at most 64 KiB")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise RequestError(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
+
+
+async def _control_request(request: Request, state: ServerState) -> None:
+    body = await _small_json(request, state)
+    check_control(state.config.model_control, body.get("parameters", {}))

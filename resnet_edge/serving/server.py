@@ -74,12 +74,12 @@ def _uvicorn_config(app: Any, config: ServerConfig, log_level: str) -> uvicorn.C
 
 def _metrics_server(state: Any, config: ServerConfig, sock: socket.socket) -> Any:
     """--metrics-port: /metrics also on a port of its own (prometheus_client's server, in a thread)."""
-    if not config.metrics_port or state.recorder.metrics is None:
+    if not config.metrics_port or state.metrics is None:
         return None
     from prometheus_client import start_http_server
 
     try:
-        started = start_http_server(config.metrics_port, config.host, registry=state.recorder.metrics.registry)
+        started = start_http_server(config.metrics_port, config.host, registry=state.metrics.registry)
     except OSError as exc:
         sock.close()
         raise UserError(f"cannot listen on {config.host}:{config.metrics_port}: {exc.strerror or exc}") from None
@@ -87,10 +87,10 @@ def _metrics_server(state: Any, config: ServerConfig, sock: socket.socket) -> An
 
 
 def serve(
-    config: ServerConfig, log_level: str = "warning", announce: Callable[[ServerConfig], None] | None = None
+    config: ServerConfig, log_level: str = "warning", announce: Callable[[ServerConfig, Any], None] | None = None
 ) -> None:
     """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight and returns.
-    ``announce`` is called once the model is loaded and the ports are open. A batcher that died ends
+    ``announce(config, models)`` is called once the models are loaded and the ports are open. A batcher that died ends
     the process with a one-line error (status 1)."""
     app = create_app(config)  # a missing or broken model fails here, before the port is opened
     state = app.server
@@ -107,7 +107,7 @@ def serve(
             raise
     metrics_server = _metrics_server(state, config, sock)
     if announce is not None:
-        announce(config)
+        announce(config, state.models)
     server = GracefulServer(_uvicorn_config(app, config, log_level))
     state.stop_server = server.stop
     server.on_exit = state.draining

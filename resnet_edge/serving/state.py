@@ -1,20 +1,18 @@
-"""What `serve`'s routes share, HTTP and gRPC: readiness, the batcher, the request thread pool (and the
-process that parses large JSON bodies) and the budget of request bytes in flight. No torch here."""
+"""What `serve`'s routes share, HTTP and gRPC: readiness, the served models (models.py), the request thread
+pool (and the process that parses large JSON bodies), the budget of request bytes in flight and the
+Prometheus metrics. No torch here."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from resnet_edge.core.config import ServerConfig
-from resnet_edge.serving.batcher import DynamicBatcher
-from resnet_edge.serving.statistics import Recorder
+from resnet_edge.serving.models import ModelTable, ServedModel
+from resnet_edge.serving.statistics import Metrics
 from resnet_edge.serving.v2 import Busy, InferRequest, RequestError, check_json_size, json_part_size, parse_http_request
 
 INLINE_BYTES = 16 * 1024  # request bodies this small are parsed on the event loop (tens of microseconds)
@@ -24,14 +22,11 @@ EXIT_DELAY_S = 1.0  # after a fatal model failure: ready answers 503 this long, 
 
 
 class ServerState:
-    """What the routes (HTTP and gRPC) share: readiness, the batcher, the request thread pool, byte budget."""
+    """What the routes (HTTP and gRPC) share: readiness, the models, the request thread pool, byte budget."""
 
-    def __init__(self, config: ServerConfig, metadata: dict[str, Any]) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.metadata = metadata
-        self.model_config: dict[str, Any] = {}  # Triton's JSON model configuration (app.triton_model_config)
-        self.ready = False
-        self.batcher: DynamicBatcher | None = None
+        self.started = False  # the lifespan has started the batchers (and gRPC)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="requests")
         self.processes: concurrent.futures.ProcessPoolExecutor | None = None  # started at the first large JSON body
@@ -40,13 +35,13 @@ class ServerState:
         self.fatal: str | None = None
         self.stopping = False  # SIGTERM/SIGINT received: readiness answers false
         self.stop_server: Callable[[], None] | None = None  # set by serve(): ends uvicorn
-        self.recorder = Recorder(  # Triton's statistics and the Prometheus metrics
-            config.model_name or "",
-            "1",
-            rows_held=lambda: self.batcher.rows_held if self.batcher is not None else 0,
-            pending_bytes=lambda: self.pending_bytes,
-            metrics=config.metrics,
+        self.metrics = (  # Prometheus; Triton's statistics are each model's (its Recorder)
+            Metrics(self._rows_held, lambda: self.pending_bytes) if config.metrics else None
         )
+        self.models = ModelTable(config, self.metrics)
+
+    def _rows_held(self) -> int:
+        return self.models.budget.held
 
     async def work(self, fn: Callable[..., Any], *args: Any, size: int = INLINE_BYTES + 1) -> Any:
         """``fn(*args)`` in the request thread pool (or inline when the input is at most INLINE_BYTES)."""
@@ -97,21 +92,19 @@ class ServerState:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready and not self.stopping
+        return self.started and not self.stopping and self.fatal is None and self.models.ready
 
     def died(self, reason: str) -> None:
-        """The batcher stopped for good: not ready at once, exit (status 1) shortly after."""
-        self.ready, self.fatal = False, reason
+        """The server must stop: not ready at once, exit (status 1) shortly after."""
+        self.fatal = reason
         if self.stop_server is not None and self.loop is not None:
             self.loop.call_later(EXIT_DELAY_S, self.stop_server)
 
-    async def infer(self, pixels: np.ndarray, timing: list[int] | None = None) -> np.ndarray:
-        """The logits of ``pixels`` from the batcher; the nanoseconds it took are added to ``timing[0]``."""
-        if self.batcher is None or not self.ready:
-            raise RequestError(503, f"not ready{': ' + self.fatal if self.fatal else ''}")
-        started = time.perf_counter_ns()
-        try:
-            return await self.batcher.infer(pixels)
-        finally:
-            if timing is not None:
-                timing[0] += time.perf_counter_ns() - started
+    def model_died(self, model: ServedModel, reason: str) -> None:
+        """A model broke its contract while serving (its batcher stopped). Served from one file (--model,
+        --run), the server exits so that a supervisor restarts it; from a repository, that model is
+        UNAVAILABLE with the reason (the others serve on; a load brings it back) and the server not ready."""
+        if self.config.repository is None:
+            self.died(reason)
+        else:
+            model.fail(reason)

@@ -115,22 +115,19 @@ class ModelStatistics:
 
 class Metrics:
     """The Prometheus metrics of one server, in a registry of its own (several apps in one process, as in
-    the tests, never share counters). Label children are bound once per protocol, so the hot path does no
+    the tests, never share counters), with a ``model`` and ``version`` label on each per-model metric.
+    ``bind(model, version)`` makes the children of one model version once, so the hot path does no
     label lookup; the status-code children are made on first use."""
 
-    def __init__(self, model: str, version: str, rows_held: Any, pending_bytes: Any) -> None:
+    def __init__(self, rows_held: Any, pending_bytes: Any) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         model_labels = ("model", "version")
-        self.model = (model, version)
 
-        def per_protocol(name: str, documentation: str) -> dict[str, Any]:
-            histogram = Histogram(
-                name, documentation, (*model_labels, "protocol"), buckets=LATENCY_BUCKETS, registry=self.registry
-            )
-            return {p: histogram.labels(model, version, p) for p in PROTOCOLS}
+        def histogram(name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
 
         self.requests = Counter(
             "resnet_edge_requests",
@@ -138,39 +135,65 @@ class Metrics:
             (*model_labels, "protocol", "code"),
             registry=self.registry,
         )
-        self.request_seconds = per_protocol(
-            "resnet_edge_request_duration_seconds", "Whole inference request: body read, parsed, inferred, encoded."
+        self.request_seconds = histogram(
+            "resnet_edge_request_duration_seconds",
+            "Whole inference request: body read, parsed, inferred, encoded.",
+            (*model_labels, "protocol"),
+            LATENCY_BUCKETS,
         )
-        self.handling_seconds = per_protocol(
+        self.handling_seconds = histogram(
             "resnet_edge_request_handling_seconds",
             "The request's own work outside the batcher: reading, parsing, checking and encoding.",
+            (*model_labels, "protocol"),
+            LATENCY_BUCKETS,
         )
-
-        def per_model(name: str, documentation: str, buckets: tuple[float, ...]) -> Any:
-            histogram = Histogram(name, documentation, model_labels, buckets=buckets, registry=self.registry)
-            return histogram.labels(model, version)
-
-        self.queue_seconds = per_model(
+        self.queue_seconds = histogram(
             "resnet_edge_queue_duration_seconds",
             "Time a request's rows waited in the batcher before their ONNX Runtime call started.",
+            model_labels,
             LATENCY_BUCKETS,
         )
-        self.infer_seconds = per_model(
+        self.infer_seconds = histogram(
             "resnet_edge_inference_duration_seconds",
             "One ONNX Runtime call (a batch): joining the rows, running the model.",
+            model_labels,
             LATENCY_BUCKETS,
         )
-        self.batch_rows = per_model(
-            "resnet_edge_batch_size", "Rows (images) per ONNX Runtime call, as the session saw them.", BATCH_BUCKETS
-        )
+        self.batch_rows = histogram(
+            "resnet_edge_batch_size", "Rows (images) per ONNX Runtime call, as the session saw them.", model_labels,
+            BATCH_BUCKETS,
+        )  # fmt: skip
         Gauge(
-            "resnet_edge_rows_in_flight", "Images accepted and not answered yet (--max-queue).", registry=self.registry
+            "resnet_edge_rows_in_flight",
+            "Images accepted and not answered yet, every model together (--max-queue).",
+            registry=self.registry,
         ).set_function(rows_held)
         Gauge(
             "resnet_edge_pending_request_bytes",
             "Request bytes in flight, HTTP and gRPC (--max-pending-bytes).",
             registry=self.registry,
         ).set_function(pending_bytes)
+
+    def bind(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, model, version)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """One model version's label children of the server's Metrics."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.model = (model, version)
+        self.requests = metrics.requests
+        self.request_seconds = {p: metrics.request_seconds.labels(model, version, p) for p in PROTOCOLS}
+        self.handling_seconds = {p: metrics.handling_seconds.labels(model, version, p) for p in PROTOCOLS}
+        self.queue_seconds = metrics.queue_seconds.labels(model, version)
+        self.infer_seconds = metrics.infer_seconds.labels(model, version)
+        self.batch_rows = metrics.batch_rows.labels(model, version)
 
     def request_done(self, protocol: str, code: int, seconds: float, handling: float) -> None:
         self.requests.labels(*self.model, protocol, str(code)).inc()
@@ -184,19 +207,15 @@ class Metrics:
         self.infer_seconds.observe(infer_seconds)
         self.batch_rows.observe(rows)
 
-    def exposition(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
 
 class Recorder:
-    """What the request handlers and the batcher report, counted once for Triton's statistics and once
-    for Prometheus. ``recorder.request(protocol)`` times one request; the batcher calls ``batch_done``."""
+    """What the request handlers and the batcher report for one model version, counted once for Triton's
+    statistics and once for Prometheus (``metrics``: the server's, None with --no-metrics). The batcher
+    calls ``batch_done``; a request handler ``request_done``."""
 
-    def __init__(self, model: str, version: str, rows_held: Any, pending_bytes: Any, metrics: bool = True) -> None:
+    def __init__(self, model: str, version: str, metrics: Metrics | None) -> None:
         self.statistics = ModelStatistics(model, version)
-        self.metrics = Metrics(model, version, rows_held, pending_bytes) if metrics else None
+        self.metrics = metrics.bind(model, version) if metrics is not None else None
 
     def request_done(self, protocol: str, code: int, started_ns: int, batcher_ns: int) -> None:
         """One inference request answered with ``code``; ``batcher_ns`` of its time was spent in the batcher."""

@@ -343,7 +343,9 @@ def output_tensors(logits: np.ndarray, names: list[str]) -> dict[str, np.ndarray
     return tensors
 
 
-def encode_http_response(model_name: str, request: InferRequest, logits: np.ndarray) -> tuple[bytes, int | None]:
+def encode_http_response(
+    model_name: str, model_version: str, request: InferRequest, logits: np.ndarray
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when some output travels as binary data."""
     tensors = output_tensors(logits, [name for name, _ in request.outputs])
     described, blobs = [], []
@@ -356,7 +358,7 @@ def encode_http_response(model_name: str, request: InferRequest, logits: np.ndar
         else:
             entry["data"] = t.reshape(-1)
         described.append(entry)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": described}
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": described}
     if request.request_id is not None:
         response["id"] = request.request_id
     header = None

@@ -31,6 +31,9 @@ METHODS = (
     "ModelStreamInfer",
     "ModelConfig",
     "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 )
 
 

@@ -1,0 +1,400 @@
+"""The models `serve` serves: one file (--model, --run), or every model and version of a Triton-layout
+repository (--repository), each with its own ONNX Runtime session, batcher and statistics; what the routes
+look up by name and version (Triton's model states READY, UNAVAILABLE, LOADING, UNLOADING); and the model
+repository extension's index, load and unload (--model-control explicit), which replace or drain a
+model while the others keep serving. The server's limits (--max-queue rows, --max-pending-bytes,
+--max-connections) are shared by every model: more models never means more memory per request.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resnet_edge.core.config import ServerConfig
+from resnet_edge.core.contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
+from resnet_edge.core.errors import UserError
+from resnet_edge.core.names import check_labels, check_name, is_name, printable, shown
+from resnet_edge.core.providers import is_cpu_provider
+from resnet_edge.core.repository import RepositoryModel, scan_model, scan_repository
+from resnet_edge.inference.variants import default_model
+from resnet_edge.serving.batcher import DynamicBatcher, RowBudget
+from resnet_edge.serving.statistics import Metrics, Recorder
+from resnet_edge.serving.v2 import OUTPUTS, RequestError
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+DRAIN_S = 30.0  # an unload (or a reload's old version) waits this long for its requests in flight
+
+
+class NotLoaded(RequestError):
+    """A model of the repository that is not loaded (unloaded, or failed): 404 over HTTP, UNAVAILABLE over gRPC."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(404, message)
+
+    def __reduce__(self) -> Any:
+        return (NotLoaded, (str(self),))
+
+
+def check_batching(session: Any, max_batch_size: int) -> None:
+    """Refuse a model the batcher cannot serve: a fixed batch dimension (unless --max-batch-size 1 with a
+    fixed batch of 1), or rows that depend on the other rows of the batch (a batch of distinct inputs
+    must answer row by row what each input answers alone)."""
+    dim = session.get_inputs()[0].shape[0]
+    if isinstance(dim, int):
+        if dim == 1 and max_batch_size == 1:
+            return
+        raise UserError(
+            f"the model has a fixed batch dimension of {dim}; the server batches requests, so it needs a "
+            f"dynamic batch dimension" + (" (or serve it with --max-batch-size 1)" if dim == 1 else "")
+        )
+    if max_batch_size == 1:
+        return
+    probe = np.stack(
+        [
+            np.zeros(INPUT_SHAPE, np.float32),
+            np.ones(INPUT_SHAPE, np.float32),
+            np.random.default_rng(0).random(INPUT_SHAPE, dtype=np.float32),
+            np.tril(np.ones(INPUT_SHAPE, np.float32)),
+        ]
+    )  # four inputs no model confuses
+    together = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
+    alone = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: probe[i : i + 1]})[0] for i in range(4)])
+    tolerance = 0.02 * max(1.0, float(np.abs(alone).max()))  # batch-size effects of FP16 or INT8 kernels pass
+    if together.shape != (4, NUM_CLASSES) or not np.abs(together - alone).max() <= tolerance:
+        raise UserError(
+            f"the model does not answer one row per input row (a batch of 4 gave {together.shape} "
+            f"outputs that differ from the rows run alone); refusing to batch callers together"
+        )
+
+
+def model_metadata(name: str, versions: list[str], meta: dict[str, str]) -> dict[str, Any]:
+    """The model's metadata answer, made once at load. Of the file's metadata_props only what passes the
+    rules of names.py is served (a valid architecture name, a short accuracy, NUM_CLASSES short labels):
+    whatever else a file holds, say 10 MB of labels, is dropped with a warning, never sent per request."""
+    parameters = {}
+    if is_name(meta.get("architecture")):
+        parameters["architecture"] = meta["architecture"]
+    accuracy = meta.get("test_accuracy")
+    if isinstance(accuracy, str) and len(accuracy) <= 32 and accuracy.isprintable():
+        parameters["test_accuracy"] = accuracy
+    if "labels" in meta:
+        if check_labels(meta["labels"]) is not None:
+            parameters["labels"] = meta["labels"]
+        else:
+            log.warning(
+                "the model's 'labels' metadata is not %d short names; its metadata is served without it", NUM_CLASSES
+            )
+    return {
+        "name": name,
+        "versions": versions,
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
+        "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, NUM_CLASSES]} for o in OUTPUTS],
+        "parameters": parameters,
+    }
+
+
+def triton_model_config(config: ServerConfig, name: str, every_version: bool = False) -> dict[str, Any]:
+    """A served model's configuration in Triton's JSON form (model configuration extension): what
+    Triton's own tools read before they send a request. The same fields `package` writes to config.pbtxt."""
+    kind = "KIND_CPU" if is_cpu_provider(config.provider) else "KIND_GPU"
+    return {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"all": {}} if every_version else {"latest": {"num_versions": 1}},
+        "max_batch_size": config.max_batch_size,
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": list(INPUT_SHAPE)}],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES], "label_filename": ""}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(config.max_delay_ms * 1000)},
+        "instance_group": [{"name": name, "kind": kind, "count": config.instances}],
+    }
+
+
+def open_session(config: ServerConfig, path: Path, saturation: bool) -> Any:
+    """An ONNX Runtime session of ``path`` that the batcher can serve (UserError otherwise). ``saturation``:
+    refuse an INT8 model that would lose accuracy on this CPU (the CLI has checked a model it chose)."""
+    from resnet_edge.inference.runtime import create_session
+
+    if saturation:
+        from resnet_edge.inference.variants import saturation_problem
+
+        problem = saturation_problem(path, config.provider)
+        if problem:
+            raise UserError(problem)
+    session = create_session(path, config.provider, threads=config.threads, spinning=False)
+    check_batching(session, config.max_batch_size)
+    return session
+
+
+class ServedModel:
+    """One version of one model: its session and batcher once loaded, its state, statistics and metadata."""
+
+    def __init__(self, name: str, version: str, path: Path | None) -> None:
+        self.name, self.version, self.path = name, version, path
+        self.state, self.reason = UNAVAILABLE, "not loaded"
+        self.failed = False  # its load failed, or it broke its contract while serving: the server is not ready
+        self.session: Any = None
+        self.batcher: DynamicBatcher | None = None
+        self.metadata: dict[str, Any] = {}
+        self.model_config: dict[str, Any] = {}
+        self.recorder: Recorder | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    def loaded(self, session: Any, metadata: dict[str, Any], model_config: dict[str, Any], recorder: Recorder) -> None:
+        self.session, self.metadata, self.model_config, self.recorder = session, metadata, model_config, recorder
+        self.state, self.reason, self.failed = LOADING, "", False
+
+    def fail(self, reason: str) -> None:
+        self.state, self.reason, self.failed, self.session = UNAVAILABLE, reason, True, None
+
+    def start(self, config: ServerConfig, budget: RowBudget, on_death: Callable[[str], None]) -> None:
+        """Start its batcher on the running loop: READY."""
+        assert self.recorder is not None
+        self.batcher = DynamicBatcher(
+            self.session,
+            config.max_batch_size,
+            config.max_delay_ms,
+            config.max_queue,
+            io_binding=not is_cpu_provider(config.provider),
+            on_death=on_death,
+            instances=config.instances,
+            on_batch=self.recorder.batch_done,
+            budget=budget,
+        )
+        self.batcher.start()
+        self.state = READY
+
+    async def stop(self, drain_s: float = 0.0, reason: str = "unloaded") -> None:
+        """UNLOADING (new requests are refused), then up to ``drain_s`` for the requests in flight, then stop."""
+        self.state = UNLOADING
+        batcher, loop = self.batcher, asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while batcher is not None and batcher.callers_waiting and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if batcher is not None:
+            await batcher.stop()
+        self.batcher, self.session = None, None
+        self.state, self.reason = UNAVAILABLE, reason
+
+    async def infer(self, pixels: np.ndarray, timing: list[int]) -> np.ndarray:
+        if self.batcher is None or self.state != READY:
+            raise self.not_ready()
+        import time
+
+        started = time.perf_counter_ns()
+        try:
+            return await self.batcher.infer(pixels)
+        finally:
+            timing[0] += time.perf_counter_ns() - started
+
+    def not_ready(self) -> RequestError:
+        what = f"model {self.name!r} version {self.version}"
+        if self.state == UNAVAILABLE and not self.failed:
+            return NotLoaded(f"{what} is not loaded ({self.reason})")
+        reason = f": {self.reason}" if self.reason else ""
+        return RequestError(503, f"{what} is not ready ({self.state.lower()}{reason})")
+
+
+class ModelTable:
+    """The served models by name and version, as the routes and the gRPC front look them up."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.models: dict[str, dict[str, ServedModel]] = {}
+        self.budget = RowBudget(config.max_queue)  # shared by every batcher
+        self.default: str | None = None  # the model /v1/predict and the page use without ?model=
+        self.changing = asyncio.Lock()  # one load or unload at a time
+
+    def add(self, model: ServedModel) -> None:
+        self.models.setdefault(model.name, {})[model.version] = model
+        self.models[model.name] = dict(sorted(self.models[model.name].items(), key=lambda kv: int(kv[0] or 0)))
+
+    def all(self) -> list[ServedModel]:
+        return [m for versions in self.models.values() for m in versions.values()]
+
+    def names(self) -> str:
+        return ", ".join(repr(n) for n in self.models) or "none"
+
+    def lookup(self, name: str, version: str | None = None) -> ServedModel:
+        """The model and version a URL names (no version: its highest ready version, else its highest); 404."""
+        versions = self.models.get(name)
+        if not versions:
+            raise RequestError(404, f"unknown model {shown(name)}; this server serves {self.names()}")
+        if not version:
+            ready = [m for m in versions.values() if m.ready]
+            return (ready or list(versions.values()))[-1]
+        if version not in versions:
+            raise RequestError(
+                404, f"unknown version {shown(version)} of {name!r}; it has version {', '.join(versions)}"
+            )
+        return versions[version]
+
+    def serving(self, name: str, version: str | None = None) -> ServedModel:
+        """The model to infer with: looked up, and READY (else NotLoaded, or 503 while it loads or unloads)."""
+        model = self.lookup(name, version)
+        if not model.ready:
+            raise model.not_ready()
+        return model
+
+    def predict_model(self, name: str | None, version: str | None) -> ServedModel:
+        if name is None and self.default is None:
+            raise RequestError(404, "no model to answer with; give ?model=<name>")
+        return self.serving(name or self.default or "", version)
+
+    @property
+    def ready(self) -> bool:
+        """Whether some model is served. A model that failed (to load, or while serving) does not make the
+        server unready, as it would with Triton's --strict-readiness: the others are served; its own
+        readiness and the repository index say so."""
+        return any(m.ready for m in self.all())
+
+    @property
+    def rows_waiting(self) -> int:
+        return sum(m.batcher.callers_waiting for m in self.all() if m.batcher is not None)
+
+    def index(self, on_disk: list[str] = ()) -> list[dict[str, str]]:  # type: ignore[assignment]
+        """Triton's repository index: every version with its state and why it is not ready; and the
+        models ``on_disk`` that the server has not seen yet (a folder added since it started)."""
+        known = [
+            {"name": m.name, "version": m.version, "state": m.state, "reason": printable(m.reason, 300)}
+            for m in self.all()
+        ]
+        return known + [{"name": n, "version": "", "state": "", "reason": ""} for n in on_disk if n not in self.models]
+
+    def recorder(self, name: str, version: str) -> Recorder:
+        return Recorder(name, version, self.metrics)
+
+    def open(self, name: str, version: str, path: Path, versions: list[str]) -> ServedModel:
+        """One version of a repository model with its session opened and checked (LOADING), or failed with
+        the reason: blocking, run in a thread once the server runs."""
+        model = ServedModel(name, version, path)
+        try:
+            session = open_session(self.config, path, saturation=True)
+        except Exception as exc:  # a model file is untrusted: whatever it does, the others are served
+            model.fail(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+            return model
+        metadata = model_metadata(name, versions, dict(session.get_modelmeta().custom_metadata_map))
+        model.loaded(session, metadata, triton_model_config(self.config, name, True), self.recorder(name, version))
+        return model
+
+    def open_all(self, entry: RepositoryModel) -> list[ServedModel]:
+        """Every version of a scanned repository model, opened (blocking); one failed entry for a model
+        whose folder is wrong."""
+        if entry.problem is not None:
+            failed = ServedModel(entry.name, "", None)
+            failed.fail(entry.problem)
+            return [failed]
+        return [self.open(entry.name, v, path, list(entry.versions)) for v, path in entry.versions.items()]
+
+    def install(self, models: list[ServedModel], on_death: Callable[[ServedModel, str], None]) -> list[ServedModel]:
+        """Put ``models`` (one model's versions) in the table and start those that opened (on the running
+        loop); the versions they replace are returned, to be stopped by the caller."""
+        name = models[0].name
+        old = list(self.models.pop(name, {}).values())
+        for m in models:
+            self.add(m)
+            if m.state == LOADING:
+                m.start(self.config, self.budget, functools.partial(on_death, m))
+        return old
+
+    async def load(self, repository: Path, name: str, on_death: Callable[[ServedModel, str], None]) -> None:
+        """Triton's load: (re)read the model's folder, open every version, then swap them in while the old
+        versions finish what they hold. A failed load answers 400 and keeps a served old version serving."""
+        async with self.changing:
+            loop = asyncio.get_running_loop()
+            entry = await loop.run_in_executor(None, _scan_one, repository, name)
+            models = await loop.run_in_executor(None, self.open_all, entry)
+            failed = [m for m in models if m.failed]
+            serving = any(m.ready for m in self.models.get(name, {}).values())
+            if failed and serving:
+                raise RequestError(400, f"{failure_line(failed[0])}; the loaded versions stay served")
+            old = self.install(models, on_death)
+            for m in old:
+                loop.create_task(m.stop(DRAIN_S, "replaced by a load"))
+            if failed:
+                raise RequestError(400, failure_line(failed[0]))
+
+    async def unload(self, name: str) -> None:
+        """Triton's unload: every version of ``name`` refuses new requests, finishes those in flight (up
+        to DRAIN_S), and stops; it stays in the index as UNAVAILABLE, 'unloaded'."""
+        async with self.changing:
+            self.lookup(name)  # 404 for a model the server does not know
+            versions = list(self.models[name].values())
+            await asyncio.gather(*(m.stop(DRAIN_S) for m in versions if m.batcher is not None))
+            for m in versions:
+                m.state, m.reason, m.failed, m.session = UNAVAILABLE, "unloaded", False, None
+
+
+def check_control(model_control: str, parameters: Any) -> None:
+    """A load or unload: allowed with --model-control explicit. Of Triton's parameters, unload_dependents
+    means nothing here (no ensembles) and is accepted; config and file overrides are refused, not ignored."""
+    if model_control != "explicit":
+        raise RequestError(
+            403, "model control is 'none': serve --repository DIR --model-control explicit loads and unloads"
+        )
+    if not isinstance(parameters, dict) and not hasattr(parameters, "keys"):
+        raise RequestError(400, "'parameters' must be an object")
+    unsupported = [str(k)[:40] for k in parameters.keys() if k != "unload_dependents"]
+    if unsupported:
+        raise RequestError(400, f"load and unload parameter {unsupported[0]!r} is not supported by this server")
+
+
+def names_on_disk(repository: Path | None) -> list[str]:
+    """The repository's model folders now (a folder added since start shows in the index); [] on error."""
+    if repository is None:
+        return []
+    try:
+        return list(scan_repository(repository))
+    except UserError:
+        return []
+
+
+def _scan_one(repository: Path, name: str) -> RepositoryModel:
+    if not is_name(name) or not (repository / name).is_dir():
+        raise RequestError(404, f"no model {shown(name)} in the repository")
+    try:
+        return scan_model(repository, repository / name)
+    except UserError as exc:
+        return RepositoryModel(name, problem=str(exc))
+
+
+def failure_line(model: ServedModel) -> str:
+    version = f" version {model.version}" if model.version else ""
+    return f"model {model.name!r}{version} failed to load: {printable(model.reason, 300)}"
+
+
+def start_repository(table: ModelTable, repository: Path, only: str | None) -> list[ServedModel]:
+    """At start-up (before the loop runs): scan the repository and open every model (``only``: that one,
+    as --model-name says). Failures are the table's failed entries; none served at all is a UserError."""
+    entries = scan_repository(repository)
+    if only is not None:
+        check_name(only, "--model-name")
+        if only not in entries:
+            raise UserError(f"{printable(repository)}: no model {shown(only)}; it holds {', '.join(entries)}")
+        for name, entry in entries.items():  # in the index, loadable with --model-control explicit
+            for version, path in entry.versions.items() if name != only else ():
+                table.add(ServedModel(name, version, path))
+        entries = {only: entries[only]}
+    opened = [m for entry in entries.values() for m in table.open_all(entry)]
+    for m in opened:
+        table.add(m)
+    table.default = default_model([m.name for m in opened if m.state == LOADING], table.config.provider)
+    if not any(m.state == LOADING for m in opened):
+        first = opened[0]
+        raise UserError(f"{printable(repository)}: no model could be loaded ({failure_line(first)})")
+    return opened
