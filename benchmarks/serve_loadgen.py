@@ -2,7 +2,10 @@
 closed-loop clients, each sending one single-image Open Inference Protocol request at a time.
 
 Modes: "json" (KServe v2 JSON, UINT8 data), "binary" (the binary tensor data extension: JSON header +
-784 raw bytes, logits back as binary), "grpc" (GRPCInferenceService/ModelInfer with raw_input_contents).
+784 raw bytes, logits back as binary), "grpc" (GRPCInferenceService/ModelInfer with raw_input_contents),
+and, asked for by name (not in MODES, the default of the scripts that import it), "stream": the same
+ModelInferRequest messages over one GRPCInferenceService/ModelStreamInfer stream per client, the next
+request written once the previous answer came back (one in flight per client, as the other modes).
 HTTP clients speak HTTP/1.1 keep-alive on raw asyncio streams, the gRPC ones use grpc.aio with
 pre-serialized messages, so the client costs as little CPU as possible on a machine it shares with
 the server. Every request is built before the clock starts; a request that does not answer 200 / OK
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MODES = ("json", "binary", "grpc")
+ALL_MODES = MODES + ("stream",)
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def free_port() -> int:
@@ -177,6 +182,40 @@ async def _grpc_client(channel, requests: list[bytes], offset: int, stop_at: flo
         i += 1
 
 
+async def _stream_client(channel, requests: list[bytes], offset: int, stop_at: float, tally: Tally) -> None:
+    """One ModelStreamInfer stream, one request in flight: write, read its answer, repeat until ``stop_at``;
+    then half-close and read to the end. Answers stay serialized: a ModelStreamInferResponse whose first
+    byte is 0x0a starts with field 1, error_message (fields are written in field order), so it is an error."""
+    import grpc
+
+    call = channel.stream_stream(STREAM, request_serializer=bytes, response_deserializer=bytes)()
+    i = offset
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await call.write(requests[i % len(requests)])
+            i += 1
+            answer = await call.read()
+            if answer is grpc.aio.EOF:
+                tally.errors.append("stream ended")
+                return
+            if answer[:1] == b"\x0a":
+                tally.errors.append(f"stream error: {stream_error(answer)[:40]}")
+            else:
+                tally.latencies.append(time.perf_counter() - t0)
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            tally.errors.append("answer after the last request")
+    except grpc.RpcError as exc:
+        tally.errors.append(f"gRPC {exc.code().name}")
+
+
+def stream_error(answer: bytes) -> str:
+    from resnet_edge.serving.proto import messages
+
+    return messages()["ModelStreamInferResponse"].FromString(answer).error_message
+
+
 async def run_load(modes: list[str], clients: int, seconds: float, name: str, http_port: int, grpc_port: int | None,
                    warmup: float = 1.0, server_pid: int | None = None) -> dict[str, dict]:
     """``clients`` closed-loop clients for ``seconds``, spread round-robin over ``modes``; per mode:
@@ -185,8 +224,9 @@ async def run_load(modes: list[str], clients: int, seconds: float, name: str, ht
     import grpc
 
     images = test_images()
-    reqs = {m: (grpc_requests(name, images) if m == "grpc" else http_requests(m, name, http_port, images)) for m in modes}
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") if "grpc" in modes else None
+    reqs = {m: grpc_requests(name, images) if m in ("grpc", "stream") else http_requests(m, name, http_port, images)
+            for m in modes}
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") if {"grpc", "stream"} & set(modes) else None
 
     def clients_for(stop_at: float, tallies: dict[str, Tally]) -> list:
         tasks = []
@@ -194,17 +234,19 @@ async def run_load(modes: list[str], clients: int, seconds: float, name: str, ht
             mode = modes[k % len(modes)]
             if mode == "grpc":
                 tasks.append(_grpc_client(channel, reqs[mode], k * 7, stop_at, tallies[mode]))
+            elif mode == "stream":
+                tasks.append(_stream_client(channel, reqs[mode], k * 7, stop_at, tallies[mode]))
             else:
                 tasks.append(_http_client(http_port, reqs[mode], k * 7, stop_at, tallies[mode]))
         return tasks
 
     await asyncio.gather(*clients_for(time.perf_counter() + warmup, {m: Tally() for m in modes}))
     tallies = {m: Tally() for m in modes}
-    cpu0 = cpu_seconds(server_pid), time.process_time(), loop_cpu_seconds(server_pid)
+    cpu0 = cpu_seconds(server_pid), time.process_time(), loop_cpu_seconds(server_pid), cpu_by_process(server_pid)
     t0 = time.perf_counter()
     await asyncio.gather(*clients_for(t0 + seconds, tallies))
     elapsed = time.perf_counter() - t0
-    cpu1 = cpu_seconds(server_pid), time.process_time(), loop_cpu_seconds(server_pid)
+    cpu1 = cpu_seconds(server_pid), time.process_time(), loop_cpu_seconds(server_pid), cpu_by_process(server_pid)
     if channel is not None:
         await channel.close()
     out = {m: summarize(t, elapsed) for m, t in tallies.items()}
@@ -212,6 +254,7 @@ async def run_load(modes: list[str], clients: int, seconds: float, name: str, ht
         for r in out.values():  # the whole run's CPU (all modes together)
             r["server_cpu_s"], r["client_cpu_s"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
             r["server_loop_cpu_s"] = cpu1[2] - cpu0[2]
+            r["server_cpu_s_by_process"] = {k: v - cpu0[3].get(k, 0.0) for k, v in cpu1[3].items()}
     return out
 
 
@@ -229,6 +272,23 @@ def cpu_seconds(pid: int | None) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def cpu_by_process(pid: int | None) -> dict[str, float]:
+    """cpu_seconds split by process name (the server and each kind of child it runs, e.g. Triton's
+    tritonserver and Python backend stubs): user + system CPU seconds summed per name."""
+    if pid is None:
+        return {}
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            t, name = p.cpu_times(), p.name()
+            out[name] = out.get(name, 0.0) + t.user + t.system
+        except psutil.Error:
+            pass
+    return out
 
 
 def loop_cpu_seconds(pid: int | None) -> float:
