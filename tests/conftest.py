@@ -36,13 +36,15 @@ def tiny_mnist(mnist):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist):
-    """The one real-MNIST end-to-end run of the default suite: resnet8, 1 epoch on all 60,000 images,
-    then export --quantize with the default guard."""
+    """The one real-MNIST end-to-end run of the default suite: resnet8, 1 epoch on the first 40,000 of the
+    60,000 training images (test_export.py asserts 98 %; two thirds of the epoch's time; the whole recipe's accuracy is
+    test_slow.py's), tested on all 10,000, then export --quantize with the default guard. (20,000 images
+    gave 96.8 %, a model whose INT8 tests in test_export.py no longer hold.)"""
     from resnet_edge.export.onnx_export import export_run
     from resnet_edge.training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("run") / "resnet8"
-    report = train(TrainConfig(arch="resnet8", epochs=1, device="cpu"), run, dataset=mnist)
+    report = train(TrainConfig(arch="resnet8", epochs=1, device="cpu", train_limit=40_000), run, dataset=mnist)
     export = export_run(run, quantize=True)
     return run, report, export
 

@@ -186,3 +186,20 @@ def test_an_unknown_provider_is_passed_through_as_written(unknown):
     """ONNX Runtime says whether it has it; we neither rename nor take it for the CPU or a GPU."""
     assert provider_name(unknown) == unknown
     assert not is_cpu_provider(unknown) and not is_cuda_device_provider(unknown) and not is_tensorrt_provider(unknown)
+
+
+def test_process_gpu_memory_sums_this_process_rows_of_nvidia_smi(tmp_path, monkeypatch):
+    """One nvidia-smi query for bench and serve: a process on two GPUs holds both rows' memory; other
+    processes' rows are not its own; no nvidia-smi (every CPU machine) is None, not an error."""
+    import os
+
+    from resnet_edge.core.machine import process_gpu_memory_mb
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\necho '{os.getpid()}, 300'\necho '1, 999'\necho '{os.getpid()}, 20'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert process_gpu_memory_mb() == 320.0
+    assert process_gpu_memory_mb(1) == 999.0 and process_gpu_memory_mb(2) is None
+    fake.unlink()
+    assert process_gpu_memory_mb() is None

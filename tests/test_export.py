@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def test_real_mnist_end_to_end(trained_run):
-    """The default suite's one real run: resnet8, 1 epoch, full MNIST; then export --quantize."""
+    """The default suite's one real run: resnet8, 1 epoch of 40,000 MNIST images; then export --quantize."""
     run, report, export = trained_run
     assert report["test_accuracy"] >= 0.98
     assert all(p["max_abs_diff"] <= 1e-4 and p["top1_equal"] for p in export["parity"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import numpy as np
 
 from resnet_edge.core.contract import TORCH
 from resnet_edge.core.errors import UserError
+from resnet_edge.core.machine import process_gpu_memory_mb
 from resnet_edge.core.providers import CPU, is_cpu_provider
 
 
@@ -166,22 +166,7 @@ def _onnx_call(model_path: Path, provider: str, x: np.ndarray, threads: int | No
 
 
 def _gpu_memory_mb() -> float | None:
-    """Device memory this process holds (CUDA context included), as nvidia-smi reports it: the same
-    measure for PyTorch and ONNX Runtime."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        pid, _, mem = line.partition(",")
-        if pid.strip() == str(os.getpid()):
-            return float(mem)
-    return None
+    return process_gpu_memory_mb()
 
 
 def _torch_call(model_path: Path, provider: str, x: np.ndarray, threads: int | None):

@@ -105,6 +105,26 @@ def gpu_name() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def process_gpu_memory_mb(pid: int | None = None, timeout: float = 10) -> float | None:
+    """GPU memory a process holds on every GPU together (CUDA context included), as nvidia-smi reports it:
+    the same measure for PyTorch and ONNX Runtime; None when nvidia-smi cannot say. ``pid``: this process."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        ).stdout
+        used = [
+            float(mem)
+            for owner, _, mem in (line.partition(",") for line in out.splitlines())
+            if owner.strip() == str(pid or os.getpid())
+        ]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return sum(used) if used else None
+
+
 def versions(include_torch: bool = False) -> dict[str, str | None]:
     """Versions of what produced or ran a model; torch is looked up, never imported."""
     names = ["onnxruntime", "onnx", "numpy"] + (["torch", "torchvision"] if include_torch else [])

@@ -206,24 +206,10 @@ def _memory_report(provider: str) -> dict[str, Any]:
 
 def _gpu_memory_bytes() -> int | None:
     """This process's GPU memory as nvidia-smi reports it; None when it cannot say."""
-    import os
-    import subprocess
+    from resnet_edge.core.machine import process_gpu_memory_mb
 
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=2,
-        ).stdout
-        used = [
-            int(m)
-            for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
-            if p.strip() == str(os.getpid())
-        ]
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-    return sum(used) * 2**20 if used else None
+    mb = process_gpu_memory_mb(timeout=2)
+    return None if mb is None else int(mb * 2**20)
 
 
 def add_inference_routes(app: Any, state: ServerState) -> None:
