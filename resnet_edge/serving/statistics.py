@@ -9,6 +9,7 @@ _total for counters). Where Triton has a metric for the same thing, docs/serving
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -113,56 +114,61 @@ class ModelStatistics:
             }
 
 
+class Histogram:
+    """A Prometheus histogram (cumulative at scrape time) updated on the event loop only: a bisect and two
+    additions per observation, with no lock (every request handler and every batch's bookkeeping runs on
+    that one thread). prometheus_client's own Histogram takes a lock per bucket and per sum and cost
+    about 10 % of the binary protocol's req/s here (benchmarks/results/cpu/serve_metrics_cost/)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket whose le >= value
+        self.sum += value
+
+
+# name -> (help, label names, buckets) of the per-model histograms
+HISTOGRAMS = {
+    "resnet_edge_request_duration_seconds": (
+        "Whole inference request: body read, parsed, inferred, encoded.", ("model", "version", "protocol"),
+        LATENCY_BUCKETS,
+    ),
+    "resnet_edge_request_handling_seconds": (
+        "The request's own work outside the batcher: reading, parsing, checking and encoding.",
+        ("model", "version", "protocol"), LATENCY_BUCKETS,
+    ),
+    "resnet_edge_queue_duration_seconds": (
+        "Time a request's rows waited in the batcher before their ONNX Runtime call started.",
+        ("model", "version"), LATENCY_BUCKETS,
+    ),
+    "resnet_edge_inference_duration_seconds": (
+        "One ONNX Runtime call (a batch): joining the rows, running the model.", ("model", "version"),
+        LATENCY_BUCKETS,
+    ),
+    "resnet_edge_batch_size": (
+        "Rows (images) per ONNX Runtime call, as the session saw them.", ("model", "version"), BATCH_BUCKETS,
+    ),
+}  # fmt: skip
+REQUESTS_HELP = "Inference requests answered, by protocol and status (HTTP status; gRPC's mapped to HTTP's)."
+
+
 class Metrics:
     """The Prometheus metrics of one server, in a registry of its own (several apps in one process, as in
-    the tests, never share counters), with a ``model`` and ``version`` label on each per-model metric.
-    ``bind(model, version)`` makes the children of one model version once, so the hot path does no
-    label lookup; the status-code children are made on first use."""
+    the tests, never share counters): process CPU and memory and two gauges from prometheus_client, and
+    the per-model request counter and histograms (``model`` and ``version`` labels) kept here and turned
+    into Prometheus' families when scraped (``collect``). ``bind(model, version)`` makes one model
+    version's children once, so the hot path looks up nothing."""
 
     def __init__(self, rows_held: Any, pending_bytes: Any) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+        from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
+        self.requests: dict[tuple[str, str, str, str], int] = {}  # (model, version, protocol, code) -> count
+        self.histograms: dict[str, dict[tuple[str, ...], Histogram]] = {name: {} for name in HISTOGRAMS}
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
-        model_labels = ("model", "version")
-
-        def histogram(name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
-
-        self.requests = Counter(
-            "resnet_edge_requests",
-            "Inference requests answered, by protocol and status (HTTP status; gRPC's mapped to HTTP's).",
-            (*model_labels, "protocol", "code"),
-            registry=self.registry,
-        )
-        self.request_seconds = histogram(
-            "resnet_edge_request_duration_seconds",
-            "Whole inference request: body read, parsed, inferred, encoded.",
-            (*model_labels, "protocol"),
-            LATENCY_BUCKETS,
-        )
-        self.handling_seconds = histogram(
-            "resnet_edge_request_handling_seconds",
-            "The request's own work outside the batcher: reading, parsing, checking and encoding.",
-            (*model_labels, "protocol"),
-            LATENCY_BUCKETS,
-        )
-        self.queue_seconds = histogram(
-            "resnet_edge_queue_duration_seconds",
-            "Time a request's rows waited in the batcher before their ONNX Runtime call started.",
-            model_labels,
-            LATENCY_BUCKETS,
-        )
-        self.infer_seconds = histogram(
-            "resnet_edge_inference_duration_seconds",
-            "One ONNX Runtime call (a batch): joining the rows, running the model.",
-            model_labels,
-            LATENCY_BUCKETS,
-        )
-        self.batch_rows = histogram(
-            "resnet_edge_batch_size", "Rows (images) per ONNX Runtime call, as the session saw them.", model_labels,
-            BATCH_BUCKETS,
-        )  # fmt: skip
         Gauge(
             "resnet_edge_rows_in_flight",
             "Images accepted and not answered yet, every model together (--max-queue).",
@@ -173,9 +179,37 @@ class Metrics:
             "Request bytes in flight, HTTP and gRPC (--max-pending-bytes).",
             registry=self.registry,
         ).set_function(pending_bytes)
+        self.registry.register(self)  # a collector: collect() below
+
+    def histogram(self, name: str, labels: tuple[str, ...]) -> Histogram:
+        return self.histograms[name].setdefault(labels, Histogram(HISTOGRAMS[name][2]))
 
     def bind(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
+
+    def collect(self) -> Any:
+        """The counter and histograms as Prometheus families (called by the registry at each scrape, in the
+        request thread pool: each dict and list is copied first, an atomic step under the GIL)."""
+        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        counter = CounterMetricFamily(
+            "resnet_edge_requests", REQUESTS_HELP, labels=("model", "version", "protocol", "code")
+        )
+        for labels, count in list(self.requests.items()):
+            counter.add_metric(list(labels), count)
+        yield counter
+        for name, (documentation, label_names, bounds) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(name, documentation, labels=label_names)
+            les = [*map(floatToGoString, bounds), "+Inf"]
+            for values, histogram in list(self.histograms[name].items()):
+                counts, total, cumulative = list(histogram.counts), histogram.sum, 0
+                buckets = []
+                for le, count in zip(les, counts, strict=True):
+                    cumulative += count
+                    buckets.append((le, cumulative))
+                family.add_metric(list(values), buckets, total)
+            yield family
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
@@ -184,19 +218,24 @@ class Metrics:
 
 
 class ModelMetrics:
-    """One model version's label children of the server's Metrics."""
+    """One model version's children of the server's Metrics."""
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
         self.model = (model, version)
         self.requests = metrics.requests
-        self.request_seconds = {p: metrics.request_seconds.labels(model, version, p) for p in PROTOCOLS}
-        self.handling_seconds = {p: metrics.handling_seconds.labels(model, version, p) for p in PROTOCOLS}
-        self.queue_seconds = metrics.queue_seconds.labels(model, version)
-        self.infer_seconds = metrics.infer_seconds.labels(model, version)
-        self.batch_rows = metrics.batch_rows.labels(model, version)
+        self.request_seconds = {
+            p: metrics.histogram("resnet_edge_request_duration_seconds", (model, version, p)) for p in PROTOCOLS
+        }
+        self.handling_seconds = {
+            p: metrics.histogram("resnet_edge_request_handling_seconds", (model, version, p)) for p in PROTOCOLS
+        }
+        self.queue_seconds = metrics.histogram("resnet_edge_queue_duration_seconds", self.model)
+        self.infer_seconds = metrics.histogram("resnet_edge_inference_duration_seconds", self.model)
+        self.batch_rows = metrics.histogram("resnet_edge_batch_size", self.model)
 
     def request_done(self, protocol: str, code: int, seconds: float, handling: float) -> None:
-        self.requests.labels(*self.model, protocol, str(code)).inc()
+        key = (*self.model, protocol, str(code))
+        self.requests[key] = self.requests.get(key, 0) + 1
         if code == 200:
             self.request_seconds[protocol].observe(seconds)
             self.handling_seconds[protocol].observe(handling)
