@@ -203,6 +203,8 @@ def median_result(results: list[dict]) -> dict:
         r["server_cpu_us_by_process"] = (
             {k: 1e6 * v / n for k, v in r.get("server_cpu_s_by_process", {}).items()} if n else {}
         )
+        loop = r.get("server_loop_cpu_s")  # the main thread: serve's event loop (not meaningful for the peers)
+        r["server_loop_cpu_us"] = 1e6 * loop / n if loop and n else None
         r["cores_busy"] = (
             (r.get("server_cpu_s", 0) + r.get("client_cpu_s", 0)) / r["seconds"] if r.get("seconds") else None
         )
@@ -221,6 +223,7 @@ def median_result(results: list[dict]) -> dict:
         "client_cpu_us",
         "cores_busy",
         "rows_per_batch",
+        "server_loop_cpu_us",
     ):
         values = [r[key] for r in results if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
@@ -329,7 +332,13 @@ def cpu_story(report: dict) -> list[str]:
         x = r["result"]
         if not x["requests"] or x["server_cpu_us"] is None:
             continue
-        split = ", ".join(f"{k} {v:,.0f}" for k, v in x["server_cpu_us_by_process"].items() if v >= 0.5)
+        roles = triton_peer.PROCESSES if r["server"] == "triton" else {}
+        split = ", ".join(f"{roles.get(k, k)} {v:,.0f}" for k, v in x["server_cpu_us_by_process"].items() if v >= 0.5)
+        if r["server"] == "resnet-edge" and x.get("server_loop_cpu_us"):  # its serial part: req/s <= 1 / this
+            split += (
+                f"; its event-loop thread {x['server_loop_cpu_us']:,.0f}, which alone caps req/s at "
+                f"{1e6 / x['server_loop_cpu_us']:,.0f}"
+            )
         rows = f"; {x['rows_per_batch']:.1f} rows per ONNX Runtime call" if x.get("rows_per_batch") else ""
         lines.append(
             f"- {r['server']} {r['mode']} x{r['concurrency']}: {x['requests_per_second']:,.0f} req/s; "
@@ -410,7 +419,11 @@ def markdown(report: dict) -> str:
         )
     text += (
         "\nWhere the CPU went (server: all its processes, split by process name; client: this load generator; "
-        "cores busy: both together over the cell's seconds; rows per ONNX Runtime call from /v2/models/m/stats):\n\n"
+        "cores busy: both together over the cell's seconds; rows per ONNX Runtime call from /v2/models/m/stats). "
+        "Triton's processes: PyTriton+ONNX Runtime (triton_peer.py's process: the bound function, PyTriton's proxy), "
+        "PyTriton "
+        "tensor store (a multiprocessing manager handing out the shared-memory blocks for inputs and outputs), the "
+        "Python backend stub, tritonserver (HTTP, gRPC, dynamic batcher, Python backend):\n\n"
         + "\n".join(cpu_story(report))
         + "\n"
     )
@@ -454,7 +467,7 @@ def main() -> None:
     )
     ap.add_argument("--pytriton-version", default=triton_peer.PYTRITON_VERSION)
     ap.add_argument("--triton-delay-us", type=int, default=0, help="Triton's max_queue_delay_microseconds")
-    ap.add_argument("--triton-instances", type=int, default=1, help="Triton model instances (PyTriton functions)")
+    ap.add_argument("--triton-instances", type=int, default=2, help="Triton model instances (PyTriton functions)")
     ap.add_argument(
         "--triton-threads",
         type=int,

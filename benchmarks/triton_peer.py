@@ -36,6 +36,16 @@ import sys
 from pathlib import Path
 
 PYTRITON_VERSION = "0.7.0"
+# The processes of a Triton served by this file, by name (as serve_loadgen.cpu_by_process keys them): this file's
+# process (ONNX Runtime and PyTriton's proxy), PyTriton's tensor store (a multiprocessing manager process handing out
+# the shared-memory blocks that carry inputs and outputs), the Python backend's stub, and tritonserver (HTTP, gRPC,
+# dynamic batcher, Python backend).
+PROCESSES = {
+    "python": "PyTriton+ONNX Runtime",
+    "python3": "PyTriton tensor store",
+    "triton_python_backend_stub": "Python backend stub",
+    "tritonserver": "tritonserver",
+}
 
 
 def ensure_venv(venv: Path, version: str = PYTRITON_VERSION) -> Path:
