@@ -6,6 +6,7 @@ repository; the server's row limit shared by every model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 
@@ -13,7 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import error_line, free_port, wait_until
+from helpers import error_line, free_port, until, wait_until
+from resnet_edge.core.config import ServerConfig
 
 IMAGE = np.zeros((1, 1, 28, 28), np.float32)
 
@@ -130,6 +132,8 @@ def test_one_server_serves_every_model_and_version_and_reports_the_broken(reposi
         grpc.unload_model("a")
         assert not http.is_model_ready("a") and not grpc.is_model_ready("a")
         assert _digit(url, "a")[0] == 404
+        for path in ("/v2/models/a", "/v2/models/a/config"):  # an unloaded model has no metadata to give
+            assert httpx.get(url + path, timeout=10).status_code == 404
         with pytest.raises(InferenceServerException) as info:
             _grpc_infer(grpc, "a")
         assert info.value.status() == "StatusCode.UNAVAILABLE"
@@ -142,6 +146,13 @@ def test_one_server_serves_every_model_and_version_and_reports_the_broken(reposi
         assert http.is_model_ready("broken") and _digit(url, "broken") == (200, (3, "1"))
         with pytest.raises(InferenceServerException, match="leads outside"):
             http.load_model("outside")
+        _folder(repository, "c", {"1": 6})  # added while serving, with a version 2 that is no model
+        (repository / "c" / "2").mkdir()
+        (repository / "c" / "2" / "model.onnx").write_bytes(b"junk")
+        assert "c" in {m["name"] for m in http.get_model_repository_index()}
+        with pytest.raises(InferenceServerException, match="version 2 failed to load"):
+            http.load_model("c")  # all or nothing: version 1 is not served either
+        assert _digit(url, "c", "1")[0] != 200 and not http.is_model_ready("c", "1")
         with pytest.raises(InferenceServerException):
             http.load_model("nothere")
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
@@ -207,18 +218,25 @@ class _Held:
 
 
 def test_an_unload_finishes_the_requests_in_flight_and_refuses_new_ones():
-    from resnet_edge.serving.models import READY, UNAVAILABLE, ServedModel
+    from resnet_edge.serving.models import READY, UNAVAILABLE, UNLOADING, ModelTable, ServedModel
     from resnet_edge.serving.v2 import RequestError
 
+    async def request(table):
+        with table.serving("m") as model:  # held from the lookup, as a request whose body is still arriving
+            await asyncio.sleep(0)
+            return await model.infer(IMAGE, [0])
+
     async def main():
+        table = ModelTable(ServerConfig(), None)
         model = ServedModel("m", "1", None)
         model.batcher, model.state = _Held(), READY
-        flight = asyncio.ensure_future(model.infer(IMAGE, [0]))
+        table.add(model)
+        flight = asyncio.ensure_future(request(table))
         await asyncio.sleep(0)
-        stopping = asyncio.ensure_future(model.stop(drain_s=30))
-        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(table.unload("m"))
+        await until(lambda: model.state == UNLOADING, "the unload to start")
         with pytest.raises(RequestError) as info:  # UNLOADING: new requests are refused at once
-            await model.infer(IMAGE, [0])
+            table.serving("m")
         assert info.value.status == 503 and not stopping.done()
         held = model.batcher
         held.go.set()
@@ -226,10 +244,63 @@ def test_an_unload_finishes_the_requests_in_flight_and_refuses_new_ones():
         await stopping
         assert held.stopped and model.state == UNAVAILABLE and model.reason == "unloaded"
         with pytest.raises(RequestError) as info:
-            await model.infer(IMAGE, [0])
+            table.serving("m")
         assert info.value.status == 404
 
     asyncio.run(main())
+
+
+def test_an_unload_whose_caller_goes_away_still_ends_unloaded():
+    """A gRPC client's deadline cancels its call: the unload runs to its end, never stuck in UNLOADING."""
+    from resnet_edge.serving.models import READY, UNAVAILABLE, ModelTable, ServedModel
+
+    async def main():
+        table = ModelTable(ServerConfig(), None)
+        model = ServedModel("m", "1", None)
+        model.batcher, model.state = _Held(), READY
+        table.add(model)
+        model.holding = 1  # a request in flight
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(table.unload("m"), 0.05)
+        model.holding = 0  # answered
+        await until(lambda: model.state == UNAVAILABLE, "the unload to end")
+        assert model.reason == "unloaded" and model.batcher is None and model.session is None
+
+    asyncio.run(main())
+
+
+def test_an_unload_lets_a_request_whose_body_is_still_arriving_finish(repository):
+    """The request took the model before the unload: it is answered by it; the next one is not."""
+    import socket
+    import threading
+
+    proc, url, _ = _start(repository, "--model-control", "explicit")
+    try:
+        body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784],
+                                       "data": [0] * 784}]}).encode()
+        conn = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        conn.sendall(b"POST /v2/models/b/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        unloaded = []
+        thread = threading.Thread(target=lambda: unloaded.append(
+            httpx.post(f"{url}/v2/repository/models/b/unload", timeout=60).status_code))
+        thread.start()
+        states = lambda: {m["name"]: m["state"] for m in httpx.post(f"{url}/v2/repository/index", timeout=10).json()}  # noqa: E731
+        wait_until(lambda: states()["b"] == "UNLOADING", "b to be unloading")
+        assert _digit(url, "b")[0] == 503  # a new request is refused while b drains
+        conn.sendall(body[100:])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += conn.recv(65536)
+        conn.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        data = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert int(np.argmax(data["outputs"][0]["data"])) == 3
+        thread.join(60)
+        assert unloaded == [200] and states()["b"] == "UNAVAILABLE" and _digit(url, "b")[0] == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_the_row_limit_is_the_servers_not_each_models():

@@ -76,7 +76,7 @@ def _versions(model_dir: Path, root: Path, where: str) -> tuple[dict[str, Path],
         if not (_inside(v, root) and _inside(model, root)):
             outside.append(v.name)
         elif model.is_file():
-            versions[v.name] = model
+            versions[v.name] = model.resolve()  # opened by this path: no link left in it to swap
     if outside:
         return {}, f"version {outside[0]} leads outside the repository"
     if not versions:

@@ -17,15 +17,8 @@ from resnet_edge.core.config import ServerConfig
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.names import check_name
 from resnet_edge.serving.asgi import InferenceApp
-from resnet_edge.serving.models import (
-    LOADING,
-    ServedModel,
-    check_batching,
-    model_metadata,
-    open_session,
-    start_repository,
-    triton_model_config,
-)
+from resnet_edge.serving.loading import check_batching, model_metadata, open_session, triton_model_config
+from resnet_edge.serving.models import LOADING, ServedModel, start_repository
 from resnet_edge.serving.routes import add_routes
 from resnet_edge.serving.state import ServerState
 

@@ -107,12 +107,14 @@ async def infer_response(
         return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
     recorder = model.recorder
     try:
-        async with RequestBody(headers, receive, state) as raw:
-            parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
-            logits = await model.infer(parsed.pixels, timing)
-            body, header_length = await state.work(
-                encode_http_response, model.name, model.version, parsed, logits, size=logits.nbytes * 8
-            )
+        # held from here to the answer: an unload or a reload lets this request finish (models.py)
+        with state.models.serving(name, version) as model:
+            async with RequestBody(headers, receive, state) as raw:
+                parsed = await state.parse(raw, headers.get(HEADER_LENGTH.lower()))
+                logits = await model.infer(parsed.pixels, timing)
+                body, header_length = await state.work(
+                    encode_http_response, model.name, model.version, parsed, logits, size=logits.nbytes * 8
+                )
     except RequestError as exc:
         if recorder is not None:
             recorder.request_done(protocol, exc.status, started, timing[0])

@@ -114,7 +114,8 @@ class DynamicBatcher:
         for task in list(self.running):
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)
-        self.executor.shutdown(wait=True)
+        # a batch still inside ONNX Runtime (an unload whose drain timed out) is waited for off the loop
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
 
     def _ended(self, task: asyncio.Task) -> None:
         """The loop ended: cancelled at shutdown, or died (itself or in a batch). Either way nobody waits forever."""

@@ -364,7 +364,8 @@ async def infer_parsed(
     served.append(model)
     if isinstance(parsed, RequestError):
         raise parsed
-    logits = await model.infer(parsed.pixels, timing)
+    with state.models.serving(name, version or None) as model:  # an unload waits for it (models.py)
+        logits = await model.infer(parsed.pixels, timing)
     return grpc_infer_response(model, parsed, logits)
 
 

@@ -19,15 +19,16 @@ from typing import Any
 import numpy as np
 
 from resnet_edge.core.config import ServerConfig
-from resnet_edge.core.contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
+from resnet_edge.core.contract import TRITON_MODEL_FILE
 from resnet_edge.core.errors import UserError
-from resnet_edge.core.names import check_labels, check_name, is_name, printable, shown
+from resnet_edge.core.names import check_name, is_name, printable, shown
 from resnet_edge.core.providers import is_cpu_provider
 from resnet_edge.core.repository import RepositoryModel, scan_model, scan_repository
 from resnet_edge.inference.variants import default_model
 from resnet_edge.serving.batcher import DynamicBatcher, RowBudget
+from resnet_edge.serving.loading import model_metadata, open_session, triton_model_config
 from resnet_edge.serving.statistics import Metrics, Recorder
-from resnet_edge.serving.v2 import OUTPUTS, RequestError
+from resnet_edge.serving.v2 import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -45,114 +46,32 @@ class NotLoaded(RequestError):
         return (NotLoaded, (str(self),))
 
 
-def check_batching(session: Any, max_batch_size: int) -> None:
-    """Refuse a model the batcher cannot serve: a fixed batch dimension (unless --max-batch-size 1 with a
-    fixed batch of 1), or rows that depend on the other rows of the batch (a batch of distinct inputs
-    must answer row by row what each input answers alone)."""
-    dim = session.get_inputs()[0].shape[0]
-    if isinstance(dim, int):
-        if dim == 1 and max_batch_size == 1:
-            return
-        raise UserError(
-            f"the model has a fixed batch dimension of {dim}; the server batches requests, so it needs a "
-            f"dynamic batch dimension" + (" (or serve it with --max-batch-size 1)" if dim == 1 else "")
-        )
-    if max_batch_size == 1:
-        return
-    probe = np.stack(
-        [
-            np.zeros(INPUT_SHAPE, np.float32),
-            np.ones(INPUT_SHAPE, np.float32),
-            np.random.default_rng(0).random(INPUT_SHAPE, dtype=np.float32),
-            np.tril(np.ones(INPUT_SHAPE, np.float32)),
-        ]
-    )  # four inputs no model confuses
-    together = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0])
-    alone = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: probe[i : i + 1]})[0] for i in range(4)])
-    tolerance = 0.02 * max(1.0, float(np.abs(alone).max()))  # batch-size effects of FP16 or INT8 kernels pass
-    if together.shape != (4, NUM_CLASSES) or not np.abs(together - alone).max() <= tolerance:
-        raise UserError(
-            f"the model does not answer one row per input row (a batch of 4 gave {together.shape} "
-            f"outputs that differ from the rows run alone); refusing to batch callers together"
-        )
-
-
-def model_metadata(name: str, versions: list[str], meta: dict[str, str]) -> dict[str, Any]:
-    """The model's metadata answer, made once at load. Of the file's metadata_props only what passes the
-    rules of names.py is served (a valid architecture name, a short accuracy, NUM_CLASSES short labels):
-    whatever else a file holds, say 10 MB of labels, is dropped with a warning, never sent per request."""
-    parameters = {}
-    if is_name(meta.get("architecture")):
-        parameters["architecture"] = meta["architecture"]
-    accuracy = meta.get("test_accuracy")
-    if isinstance(accuracy, str) and len(accuracy) <= 32 and accuracy.isprintable():
-        parameters["test_accuracy"] = accuracy
-    if "labels" in meta:
-        if check_labels(meta["labels"]) is not None:
-            parameters["labels"] = meta["labels"]
-        else:
-            log.warning(
-                "the model's 'labels' metadata is not %d short names; its metadata is served without it", NUM_CLASSES
-            )
-    return {
-        "name": name,
-        "versions": versions,
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
-        "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, NUM_CLASSES]} for o in OUTPUTS],
-        "parameters": parameters,
-    }
-
-
-def triton_model_config(config: ServerConfig, name: str, every_version: bool = False) -> dict[str, Any]:
-    """A served model's configuration in Triton's JSON form (model configuration extension): what
-    Triton's own tools read before they send a request. The same fields `package` writes to config.pbtxt."""
-    kind = "KIND_CPU" if is_cpu_provider(config.provider) else "KIND_GPU"
-    return {
-        "name": name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
-        "version_policy": {"all": {}} if every_version else {"latest": {"num_versions": 1}},
-        "max_batch_size": config.max_batch_size,
-        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": list(INPUT_SHAPE)}],
-        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES], "label_filename": ""}],
-        "dynamic_batching": {"max_queue_delay_microseconds": round(config.max_delay_ms * 1000)},
-        "instance_group": [{"name": name, "kind": kind, "count": config.instances}],
-    }
-
-
-def open_session(config: ServerConfig, path: Path, saturation: bool) -> Any:
-    """An ONNX Runtime session of ``path`` that the batcher can serve (UserError otherwise). ``saturation``:
-    refuse an INT8 model that would lose accuracy on this CPU (the CLI has checked a model it chose)."""
-    from resnet_edge.inference.runtime import create_session
-
-    if saturation:
-        from resnet_edge.inference.variants import saturation_problem
-
-        problem = saturation_problem(path, config.provider)
-        if problem:
-            raise UserError(problem)
-    session = create_session(path, config.provider, threads=config.threads, spinning=False)
-    check_batching(session, config.max_batch_size)
-    return session
-
-
 class ServedModel:
     """One version of one model: its session and batcher once loaded, its state, statistics and metadata."""
 
     def __init__(self, name: str, version: str, path: Path | None) -> None:
         self.name, self.version, self.path = name, version, path
         self.state, self.reason = UNAVAILABLE, "not loaded"
-        self.failed = False  # its load failed, or it broke its contract while serving: the server is not ready
+        self.failed = False  # its load failed, or it broke its contract while serving (503, not NotLoaded)
         self.session: Any = None
         self.batcher: DynamicBatcher | None = None
         self.metadata: dict[str, Any] = {}
         self.model_config: dict[str, Any] = {}
         self.recorder: Recorder | None = None
+        self.holding = 0  # requests that took this version (ModelTable.serving) and are not answered yet
 
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    def __enter__(self) -> ServedModel:
+        """``with table.serving(name, version) as model``: the request holds this version from its lookup
+        to its answer, body and parsing included, so that an unload or a reload waits for it (DRAIN_S)."""
+        self.holding += 1
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.holding -= 1
 
     def loaded(self, session: Any, metadata: dict[str, Any], model_config: dict[str, Any], recorder: Recorder) -> None:
         self.session, self.metadata, self.model_config, self.recorder = session, metadata, model_config, recorder
@@ -179,19 +98,24 @@ class ServedModel:
         self.state = READY
 
     async def stop(self, drain_s: float = 0.0, reason: str = "unloaded") -> None:
-        """UNLOADING (new requests are refused), then up to ``drain_s`` for the requests in flight, then stop."""
+        """UNLOADING (new requests are refused), then up to ``drain_s`` for the requests that hold it (from
+        their lookup on: a body still arriving counts), then its batcher stopped and its session freed."""
         self.state = UNLOADING
         batcher, loop = self.batcher, asyncio.get_running_loop()
         deadline = loop.time() + drain_s
-        while batcher is not None and batcher.callers_waiting and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        if batcher is not None:
-            await batcher.stop()
-        self.batcher, self.session = None, None
-        self.state, self.reason = UNAVAILABLE, reason
+        try:
+            while self.holding and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            if batcher is not None:
+                await batcher.stop()
+        finally:  # cancelled or not, it ends unloaded: nothing left half-stopped
+            self.batcher, self.session, self.metadata, self.model_config = None, None, {}, {}
+            self.state, self.reason, self.failed = UNAVAILABLE, reason, False
 
     async def infer(self, pixels: np.ndarray, timing: list[int]) -> np.ndarray:
-        if self.batcher is None or self.state != READY:
+        """The logits of ``pixels``; a request that took this version before an unload began is still
+        answered (READY or UNLOADING), one that comes after was refused by ModelTable.serving."""
+        if self.batcher is None:
             raise self.not_ready()
         import time
 
@@ -219,6 +143,7 @@ class ModelTable:
         self.budget = RowBudget(config.max_queue)  # shared by every batcher
         self.default: str | None = None  # the model /v1/predict and the page use without ?model=
         self.changing = asyncio.Lock()  # one load or unload at a time
+        self.changes: set[asyncio.Task] = set()  # loads and unloads under way (kept from the garbage collector)
 
     def add(self, model: ServedModel) -> None:
         self.models.setdefault(model.name, {})[model.version] = model
@@ -284,6 +209,8 @@ class ModelTable:
         the reason: blocking, run in a thread once the server runs."""
         model = ServedModel(name, version, path)
         try:
+            if path.resolve() != path:  # resolved when the repository was read: a link put in since then
+                raise UserError(f"{TRITON_MODEL_FILE} of version {version} changed into a link since it was read")
             session = open_session(self.config, path, saturation=True)
         except Exception as exc:  # a model file is untrusted: whatever it does, the others are served
             model.fail(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
@@ -314,30 +241,50 @@ class ModelTable:
 
     async def load(self, repository: Path, name: str, on_death: Callable[[ServedModel, str], None]) -> None:
         """Triton's load: (re)read the model's folder, open every version, then swap them in while the old
-        versions finish what they hold. A failed load answers 400 and keeps a served old version serving."""
+        versions finish what they hold. All or nothing: if a version fails, nothing of this load is
+        served and the answer is 400; a served old version stays served, else the failure is what the
+        index shows. The change runs to its end even if the caller goes away (a gRPC deadline)."""
+        await self._owned(self._load(repository, name, on_death))
+
+    async def unload(self, name: str) -> None:
+        """Triton's unload: every version of ``name`` refuses new requests, finishes those in flight (up
+        to DRAIN_S), and stops; it stays in the index as UNAVAILABLE, 'unloaded'. Runs to its end even if
+        the caller goes away."""
+        await self._owned(self._unload(name))
+
+    async def _owned(self, change: Any) -> None:
+        """``change`` as a task of the table, awaited through a shield: a cancelled caller does not cancel it."""
+        task = asyncio.ensure_future(change)
+        self.changes.add(task)
+        task.add_done_callback(self.changes.discard)
+        await asyncio.shield(task)
+
+    async def _load(self, repository: Path, name: str, on_death: Callable[[ServedModel, str], None]) -> None:
         async with self.changing:
             loop = asyncio.get_running_loop()
             entry = await loop.run_in_executor(None, _scan_one, repository, name)
             models = await loop.run_in_executor(None, self.open_all, entry)
             failed = [m for m in models if m.failed]
-            serving = any(m.ready for m in self.models.get(name, {}).values())
-            if failed and serving:
+            if failed:
+                if not any(m.ready for m in self.models.get(name, {}).values()):
+                    self.models.pop(name, None)  # nothing served: the index shows why, version by version
+                    for m in models:
+                        if not m.failed:
+                            m.state, m.reason, m.session = UNAVAILABLE, "another version of the load failed", None
+                        self.add(m)
+                    raise RequestError(400, failure_line(failed[0]))
                 raise RequestError(400, f"{failure_line(failed[0])}; the loaded versions stay served")
             old = self.install(models, on_death)
-            for m in old:
-                loop.create_task(m.stop(DRAIN_S, "replaced by a load"))
-            if failed:
-                raise RequestError(400, failure_line(failed[0]))
+            await asyncio.gather(*(m.stop(DRAIN_S, "replaced by a load") for m in old if m.batcher is not None))
 
-    async def unload(self, name: str) -> None:
-        """Triton's unload: every version of ``name`` refuses new requests, finishes those in flight (up
-        to DRAIN_S), and stops; it stays in the index as UNAVAILABLE, 'unloaded'."""
+    async def _unload(self, name: str) -> None:
         async with self.changing:
             self.lookup(name)  # 404 for a model the server does not know
             versions = list(self.models[name].values())
             await asyncio.gather(*(m.stop(DRAIN_S) for m in versions if m.batcher is not None))
             for m in versions:
                 m.state, m.reason, m.failed, m.session = UNAVAILABLE, "unloaded", False, None
+                m.metadata, m.model_config = {}, {}
 
 
 def check_control(model_control: str, parameters: Any) -> None:
@@ -371,6 +318,8 @@ def _scan_one(repository: Path, name: str) -> RepositoryModel:
         return scan_model(repository, repository / name)
     except UserError as exc:
         return RepositoryModel(name, problem=str(exc))
+    except OSError as exc:  # removed or made unreadable since the check above
+        return RepositoryModel(name, problem=f"its folder cannot be read ({exc.strerror or type(exc).__name__})")
 
 
 def failure_line(model: ServedModel) -> str:

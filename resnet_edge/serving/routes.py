@@ -231,10 +231,11 @@ def add_inference_routes(app: Any, state: ServerState) -> None:
         started, timing = time.perf_counter_ns(), [0]
         served = state.models.predict_model(model, version)  # 404 (uncounted) for a model not served
         try:
-            async with RequestBody(request.headers, request.receive, state) as raw:
-                # the multipart form, if any, and the image are both read in the request thread pool
-                pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
-                logits = await served.infer(pixels, timing)
+            with served:  # held to the answer: an unload or a reload lets this request finish (models.py)
+                async with RequestBody(request.headers, request.receive, state) as raw:
+                    # the multipart form, if any, and the image are both read in the request thread pool
+                    pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
+                    logits = await served.infer(pixels, timing)
         except RequestError as exc:
             if served.recorder is not None:
                 served.recorder.request_done("predict", exc.status, started, timing[0])

@@ -103,7 +103,8 @@ class ServerState:
     def model_died(self, model: ServedModel, reason: str) -> None:
         """A model broke its contract while serving (its batcher stopped). Served from one file (--model,
         --run), the server exits so that a supervisor restarts it; from a repository, that model is
-        UNAVAILABLE with the reason (the others serve on; a load brings it back) and the server not ready."""
+        UNAVAILABLE with the reason (the others serve on, the server stays ready while one does; a load
+        brings it back)."""
         if self.config.repository is None:
             self.died(reason)
         else:
