@@ -390,9 +390,15 @@ def _small_exported_run(tmp_path):
 
 
 def _ctrl_c_at_write(args, write: int, monkeypatch):
-    """The CLI in this process, with a real SIGINT (Ctrl-C) raised at its ``write``th atomic write."""
+    """The CLI in this process, with a real SIGINT (Ctrl-C) raised at its ``write``th atomic write. Python's
+    own Ctrl-C handler is put in place first: a suite started in the background by a shell without job
+    control inherits SIGINT ignored, and Python then leaves it ignored (a terminal's Ctrl-C would not
+    reach such a process either)."""
+    import signal
+
     from resnet_edge.core import files
 
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(files, "_writes_done", 0)
     monkeypatch.setenv(FAIL_AT_WRITE, f"{write}:SIGINT")
     try:
@@ -401,6 +407,7 @@ def _ctrl_c_at_write(args, write: int, monkeypatch):
         pytest.fail("Ctrl-C went through the CLI as a KeyboardInterrupt")
     finally:
         monkeypatch.delenv(FAIL_AT_WRITE)
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.slow  # 24 s: nine exports, each stopped at its next write (test_int8_portability.py's
