@@ -184,6 +184,8 @@ def _run_copy(trained_run, tmp_path, name="run"):
     return copy
 
 
+@pytest.mark.slow  # 20 s: four stages under RLIMIT_FSIZE (the same failed atomic write as the read-only
+# folder of test_read_only_run_folder_is_one_line_and_untouched, which stays in the default suite)
 def test_file_size_limit_during_each_stage_is_one_line_and_leaves_the_run_whole(trained_run, tmp_path):
     """RLIMIT_FSIZE during export (the FP32 model does not fit), quantization (the FP32 model of the same
     checkpoint fits, quantize's calibration graph does not), train and bench; each on its own copy of
