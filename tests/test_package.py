@@ -162,14 +162,15 @@ def test_package_never_replaces_a_folder_it_did_not_write(deploy, tmp_path):
 def test_repository_model_choice_follows_cpu_and_provider(deploy):
     from test_int8_portability import AVX2_ONLY, VNNI
 
-    from resnet_edge.inference.variants import choose_repository_model
+    from resnet_edge.core.repository import scan_repository
+    from resnet_edge.inference.variants import default_model
 
     _, out = deploy
-    repo = out / "triton"
-    assert choose_repository_model(repo, None, "cpu", VNNI).variant == "resnet8_int8"
-    assert choose_repository_model(repo, None, "cpu", AVX2_ONLY).variant == "resnet8"
-    assert choose_repository_model(repo, None, "cuda", VNNI).variant == "resnet8"
-    assert choose_repository_model(repo, "resnet8_int8", "cpu", AVX2_ONLY).reason == "--model-name"
+    names = list(scan_repository(out / "triton"))  # what package wrote: resnet8, resnet8_int8
+    assert default_model(names, "cpu", VNNI) == "resnet8_int8"
+    assert default_model(names, "cpu", AVX2_ONLY) == "resnet8"
+    assert default_model(names, "cuda", VNNI) == "resnet8"
+    assert default_model(["resnet8_int8"], "cpu", AVX2_ONLY) == "resnet8_int8"  # the only one
 
 
 # ------------------------------------------------------------------ names and folders from files (issue 25)

@@ -175,12 +175,12 @@ def test_repository_version_folders_are_ascii_digits(tmp_path):
     repo = _repository(tmp_path, "resnet8", ["1", "\u00b2"], model)
     line = error_line(["serve", "--repository", repo, "--model-name", "resnet8"])
     assert "not a version number in ASCII digits" in line
-    from resnet_edge.inference.variants import repository_models
+    from resnet_edge.core.repository import scan_repository
 
     shutil.rmtree(repo / "resnet8" / "\u00b2")
     (repo / "resnet8" / "02").mkdir()  # Triton skips a version with a leading zero: so do we
     shutil.copy(model, repo / "resnet8" / "02" / "model.onnx")
-    assert repository_models(repo) == {"resnet8": repo / "resnet8" / "1" / "model.onnx"}
+    assert scan_repository(repo)["resnet8"].versions == {"1": (repo / "resnet8" / "1" / "model.onnx").resolve()}
 
 
 def test_repository_model_folders_follow_the_name_rule(tmp_path):

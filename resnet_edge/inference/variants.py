@@ -24,14 +24,12 @@ from resnet_edge.core.contract import (
     CHECKPOINT,
     EXPORT_REPORT,
     MODEL_FILES,
-    TRITON_CONFIG,
-    TRITON_MODEL_FILE,
     VARIANT_TABLE,
 )
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.files import read_report
 from resnet_edge.core.machine import CpuInfo, cpu_info
-from resnet_edge.core.names import printable, shown
+from resnet_edge.core.names import printable
 from resnet_edge.core.providers import is_cpu_provider, is_tensorrt_provider, provider_name
 
 log = logging.getLogger(__name__)
@@ -298,57 +296,19 @@ def _range(cell: dict[str, Any]) -> str:
     return f"{low:.3g}-{high:.3g}"
 
 
-def choose_repository_model(
-    repository: Path, name: str | None, provider: str = "cpu", cpu: CpuInfo | None = None
-) -> Choice:
-    """The model of a Triton repository that `serve --repository` serves (``Choice.variant`` is its
-    name): --model-name; else its only model; else by the rule without a bench: INT8 (``<arch>_int8``)
-    on a CPU with int8 dot-product instructions, FP16 (``<arch>_fp16``) on GPU providers, FP32 elsewhere."""
-    models = repository_models(repository)
-    if name is not None:
-        if name not in models:
-            raise UserError(f"{repository}: no model {shown(name)}; it holds {', '.join(models)}")
-        return Choice(models[name], name, "--model-name")
-    pick, reason = _default_model(list(models), provider, cpu)
-    return Choice(models[pick], pick, reason)
-
-
 def default_model(names: list[str], provider: str, cpu: CpuInfo | None = None) -> str | None:
-    """Of a repository's model names, the one to use when none is named (None for none)."""
-    return _default_model(names, provider, cpu)[0] if names else None
-
-
-def _default_model(names: list[str], provider: str, cpu: CpuInfo | None) -> tuple[str, str]:
-    if len(names) == 1:
-        return names[0], "the repository's only model"
+    """Of a repository's model names, the one `serve --repository` answers /v1/predict and the page with
+    when none is named (None for none): its only model; else by the rule without a bench, INT8
+    (``<arch>_int8``) on a CPU with int8 dot-product instructions, FP16 (``<arch>_fp16``) on GPU
+    providers, FP32 elsewhere."""
+    if len(names) <= 1:
+        return names[0] if names else None
     int8 = [m for m in names if m.endswith(VARIANT_TABLE["int8"].repository_suffix)]
     fp16 = [m for m in names if m.endswith(VARIANT_TABLE["fp16"].repository_suffix)]
     fp32 = [m for m in names if m not in int8 and m not in fp16]
     on_cpu = is_cpu_provider(provider)
     if int8 and on_cpu and (cpu or cpu_info()).int8_dot_product:
-        return int8[0], "this CPU has int8 dot-product instructions; --model-name chooses"
+        return int8[0]
     if fp16 and not on_cpu:
-        return fp16[0], f"FP16 on a GPU provider ({provider}); --model-name chooses"
-    return (fp32 or int8 or fp16)[0], "FP32 on this CPU/provider by default; --model-name chooses"
-
-
-def select_repository_model(repository: Path, model_name: str | None, provider: str) -> Choice:
-    """choose_repository_model, refusing an INT8 model that would saturate on this CPU (as serve does)."""
-    choice = choose_repository_model(repository, model_name, provider)
-    problem = saturation_problem(choice.path, provider)
-    if problem:
-        raise UserError(f"{choice.path}: {problem}")
-    return choice
-
-
-def repository_models(repository: Path) -> dict[str, Path]:
-    """Model name -> the model.onnx of its highest numbered version, for a Triton-style repository (the
-    models core/repository.py finds nothing wrong with)."""
-    from resnet_edge.core.repository import scan_repository
-
-    found = {
-        name: m.versions[max(m.versions, key=int)] for name, m in scan_repository(repository).items() if m.versions
-    }
-    if not found:
-        raise UserError(f"{repository}: no <model>/{TRITON_CONFIG} with a <version>/{TRITON_MODEL_FILE} in it")
-    return found
+        return fp16[0]
+    return (fp32 or int8 or fp16)[0]

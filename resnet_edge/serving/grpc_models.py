@@ -20,8 +20,7 @@ def _version(version: str) -> str | None:
 async def model_ready(front: Any, cls: Any, context: Any) -> Any:
     request = await front.request(cls, context)
     model = front.state.models.lookup(request.name, _version(request.version))
-    state = front.state
-    return messages()["ModelReadyResponse"](ready=state.started and not state.stopping and model.ready)
+    return messages()["ModelReadyResponse"](ready=front.state.model_is_ready(model))
 
 
 async def model_metadata(front: Any, cls: Any, context: Any) -> Any:
@@ -57,13 +56,7 @@ async def model_statistics(front: Any, cls: Any, context: Any) -> Any:
     from google.protobuf import json_format
 
     request = await front.request(cls, context)
-    models = front.state.models
-    if not request.name:
-        chosen = models.all()
-    elif not request.version:
-        chosen = list(models.models[models.lookup(request.name).name].values())
-    else:
-        chosen = [models.lookup(request.name, request.version)]
+    chosen = front.state.models.chosen(request.name, request.version)
     response = messages()["ModelStatisticsResponse"]()
     stats = [m.recorder.statistics.triton_json() for m in chosen if m.recorder is not None]
     json_format.ParseDict({"model_stats": stats}, response)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,6 @@ class ServedModel:
         answered (READY or UNLOADING), one that comes after was refused by ModelTable.serving."""
         if self.batcher is None:
             raise self.not_ready()
-        import time
-
         started = time.perf_counter_ns()
         try:
             return await self.batcher.infer(pixels)
@@ -188,11 +187,20 @@ class ModelTable:
         readiness and the repository index say so."""
         return any(m.ready for m in self.all())
 
+    def chosen(self, name: str | None, version: str | None) -> list[ServedModel]:
+        """What Triton's statistics call names: every version served (no name), a model's versions (no
+        version), or one; 404 for a model or version the server does not know."""
+        if not name:
+            return self.all()
+        if not version:
+            return list(self.models[self.lookup(name).name].values())
+        return [self.lookup(name, version)]
+
     @property
     def rows_waiting(self) -> int:
         return sum(m.batcher.callers_waiting for m in self.all() if m.batcher is not None)
 
-    def index(self, on_disk: list[str] = ()) -> list[dict[str, str]]:  # type: ignore[assignment]
+    def index(self, on_disk: Sequence[str] = ()) -> list[dict[str, str]]:
         """Triton's repository index: every version with its state and why it is not ready; and the
         models ``on_disk`` that the server has not seen yet (a folder added since it started)."""
         known = [
@@ -280,11 +288,7 @@ class ModelTable:
     async def _unload(self, name: str) -> None:
         async with self.changing:
             self.lookup(name)  # 404 for a model the server does not know
-            versions = list(self.models[name].values())
-            await asyncio.gather(*(m.stop(DRAIN_S) for m in versions if m.batcher is not None))
-            for m in versions:
-                m.state, m.reason, m.failed, m.session = UNAVAILABLE, "unloaded", False, None
-                m.metadata, m.model_config = {}, {}
+            await asyncio.gather(*(m.stop(DRAIN_S) for m in self.models[name].values()))
 
 
 def check_control(model_control: str, parameters: Any) -> None:

@@ -143,7 +143,7 @@ def add_health_routes(app: Any, state: ServerState) -> None:
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
         model = models.lookup(name, version)
-        return _ready_response(state.started and not state.stopping and model.ready, {"name": name})
+        return _ready_response(state.model_is_ready(model), {"name": name})
 
 
 def add_stats_route(app: Any, state: ServerState) -> None:
@@ -153,12 +153,7 @@ def add_stats_route(app: Any, state: ServerState) -> None:
     models = state.models
 
     async def stats_response(name: str | None, version: str | None) -> dict[str, Any]:
-        if name is None:
-            chosen = models.all()
-        elif version is None:
-            chosen = list(models.models[models.lookup(name).name].values())  # 404 for a model not served
-        else:
-            chosen = [models.lookup(name, version)]
+        chosen = models.chosen(name, version)
         server = {
             "pending_bytes": state.pending_bytes,
             "pending_requests": models.rows_waiting,

@@ -94,6 +94,10 @@ class ServerState:
     def is_ready(self) -> bool:
         return self.started and not self.stopping and self.fatal is None and self.models.ready
 
+    def model_is_ready(self, model: ServedModel) -> bool:
+        """A model's readiness (HTTP .../ready, gRPC ModelReady): served, and the server not shutting down."""
+        return self.started and not self.stopping and model.ready
+
     def died(self, reason: str) -> None:
         """The server must stop: not ready at once, exit (status 1) shortly after."""
         self.fatal = reason
