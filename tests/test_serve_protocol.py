@@ -235,3 +235,30 @@ def test_uint8_rows_become_the_model_input_per_batch_exactly_as_to_pixels():
     body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 28, 28], "data": a.tolist()}]}).encode()
     rows = parse_http_request(body).pixels
     assert rows.dtype == np.uint8 and np.array_equal(model_input([rows]), to_pixels(a))
+
+
+@pytest.mark.parametrize("data, expected", [
+    ([7] * 783 + [255], "rows"),  # flat integers 0-255: taken whole by bytes()
+    ([7.0] * 783 + [255], "rows"),  # integer-valued floats: the checks below accept them
+    ([[7] * 28] * 27 + [[7] * 27 + [255]], "rows"),  # evenly nested
+    ([7] * 783 + [256], "0 to 255"),
+    ([7] * 783 + [-1], "0 to 255"),
+    ([7] * 783 + [2.5], "0 to 255"),
+    ([7] * 783 + [True], "only numbers"),
+    ([7] * 783 + [2**70], "0 to 255"),
+    ([7] * 783 + ["7"], "only numbers"),
+])
+def test_uint8_json_data_fast_path_keeps_every_check(data, expected):
+    """A flat list of ints 0-255 becomes uint8 rows in one bytes() call; anything else falls back to the
+    checks that word the error, so the fast path changes no answer."""
+    from resnet_edge.serving.v2 import RequestError, parse_http_request
+
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 784], "data": data}]}).encode()
+    if expected == "rows":
+        rows = parse_http_request(body).pixels
+        assert rows.dtype == np.uint8 and rows.shape == (1, 784)
+        assert rows[0, 0] == 7 and rows[0, -1] == 255 and (rows[0, 1:-1] == 7).all()
+    else:
+        with pytest.raises(RequestError) as caught:
+            parse_http_request(body)
+        assert caught.value.status == 400 and expected in str(caught.value)

