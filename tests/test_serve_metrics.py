@@ -170,3 +170,39 @@ def test_tritonclient_reads_statistics_and_config_over_grpc(served):
     with pytest.raises(InferenceServerException) as info:
         client.get_model_config("other")
     assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_a_scrape_never_sees_a_histogram_sum_ahead_of_its_count():
+    """The event loop observes while a scrape (another thread) reads: every scrape's _sum is that of the
+    observations its _count holds (each observation is 1.0 here, so the two are equal)."""
+    import sys
+    import threading
+
+    from resnet_edge.serving.statistics import Metrics
+
+    metrics = Metrics(lambda: 0, lambda: 0)
+    model = metrics.bind("m", "1")
+    stop = threading.Event()
+
+    def observe():
+        while not stop.is_set():
+            model.request_done("json", 200, 1.0, 1.0)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+    writer = threading.Thread(target=observe)
+    writer.start()
+    try:
+        mismatched = 0
+        for _ in range(3000):
+            for family in metrics.collect():
+                if family.type != "histogram":
+                    continue
+                values = {s.name: s.value for s in family.samples if s.labels.get("protocol") == "json"}
+                if values:
+                    mismatched += values[f"{family.name}_sum"] != values[f"{family.name}_count"]
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(switch)
+    assert mismatched == 0

@@ -63,6 +63,9 @@ def repository(tmp_path):
     os.symlink(outside, repo / "outside" / "1")
     digit_model(repo / "noconfig" / "1" / "model.onnx", 4)
     _folder(repo, "unreadable", {"1": 5}, config=b"\xff\xfe\x00 not text")
+    _folder(repo, "loop", {})  # its model.onnx is a link to itself
+    (repo / "loop" / "1").mkdir()
+    os.symlink(repo / "loop" / "1" / "model.onnx", repo / "loop" / "1" / "model.onnx")
     return repo
 
 
@@ -118,8 +121,9 @@ def test_one_server_serves_every_model_and_version_and_reports_the_broken(reposi
         index = {(m["name"], m.get("version", "")): m for m in http.get_model_repository_index()}
         assert {k for k, m in index.items() if m["state"] == "READY"} == {("a", "1"), ("a", "2"), ("b", "1")}
         reasons = {name: m["reason"] for (name, _), m in index.items() if m["state"] != "READY"}
-        assert set(reasons) == {"broken", "outside", "noconfig", "unreadable"}, index
+        assert set(reasons) == {"broken", "outside", "noconfig", "unreadable", "loop"}, index
         assert "leads outside the repository" in reasons["outside"] and "no config.pbtxt" in reasons["noconfig"]
+        assert "version 1 is a symlink loop" in reasons["loop"]
         assert "not UTF-8 text" in reasons["unreadable"] and reasons["broken"]
         grpc_index = {(m.name, m.version): m.state for m in grpc.get_model_repository_index().models}
         assert grpc_index == {k: m["state"] for k, m in index.items()}
@@ -149,6 +153,7 @@ def test_one_server_serves_every_model_and_version_and_reports_the_broken(reposi
         _folder(repository, "c", {"1": 6})  # added while serving, with a version 2 that is no model
         (repository / "c" / "2").mkdir()
         (repository / "c" / "2" / "model.onnx").write_bytes(b"junk")
+        _folder(repository, "bad name", {"1": 6})  # cannot be served (not a URL segment): hides no other
         assert "c" in {m["name"] for m in http.get_model_repository_index()}
         with pytest.raises(InferenceServerException, match="version 2 failed to load"):
             http.load_model("c")  # all or nothing: version 1 is not served either

@@ -12,6 +12,7 @@ No torch here.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +32,28 @@ class RepositoryModel:
     problem: str | None = None
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path``, symlinks followed, is ``root`` or below it."""
+def _outside(path: Path, root: Path) -> str | None:
+    """Why ``path``, symlinks followed, is not ``root`` or below it (None when it is): it leads outside the
+    repository, it is a symlink loop, or it cannot be resolved."""
     try:
-        return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):  # a symlink loop, a path the OS refuses
-        return False
+        try:
+            resolved = path.resolve(strict=True)
+        except FileNotFoundError:  # a dangling link: judged by where it points
+            resolved = path.resolve()
+    except RuntimeError:  # Python before 3.13 reports a symlink loop so
+        return "is a symlink loop"
+    except OSError as exc:
+        return "is a symlink loop" if exc.errno == errno.ELOOP else f"cannot be resolved ({exc.strerror})"
+    return None if resolved.is_relative_to(root) else "leads outside the repository"
 
 
 def _check_config(model_dir: Path, root: Path) -> str | None:
     config = model_dir / TRITON_CONFIG
     if not (config.exists() or config.is_symlink()):
         return f"no {TRITON_CONFIG}"
-    if not _inside(config, root):
-        return f"its {TRITON_CONFIG} leads outside the repository"
+    why = _outside(config, root)
+    if why:
+        return f"its {TRITON_CONFIG} {why}"
     try:
         if not config.is_file():
             return f"its {TRITON_CONFIG} is not a file"
@@ -67,18 +76,19 @@ def _versions(model_dir: Path, root: Path, where: str) -> tuple[dict[str, Path],
         if v.name.isnumeric() and not v.name.isascii():
             raise UserError(f"{where}: the version folder {shown(v.name)} is not a version number in ASCII digits")
     versions: dict[str, Path] = {}
-    outside = []
+    outside: list[str] = []
     # versions as Triton reads them: ASCII digits without a leading zero; other folders are not versions
     for v in sorted((v for v in folders if is_version(v.name)), key=lambda v: int(v.name)):
         model = v / TRITON_MODEL_FILE
         if not (model.exists() or model.is_symlink()):
             continue
-        if not (_inside(v, root) and _inside(model, root)):
-            outside.append(v.name)
+        why = _outside(v, root) or _outside(model, root)
+        if why:
+            outside.append(f"version {v.name} {why}")
         elif model.is_file():
             versions[v.name] = model.resolve()  # opened by this path: no link left in it to swap
     if outside:
-        return {}, f"version {outside[0]} leads outside the repository"
+        return {}, outside[0]
     if not versions:
         return {}, f"no <version>/{TRITON_MODEL_FILE} in it"
     return versions, None
@@ -89,8 +99,9 @@ def scan_model(repository: Path, model_dir: Path) -> RepositoryModel:
     root = repository.resolve()
     where = f"{printable(repository)}: model {shown(model_dir.name)}"
     model = RepositoryModel(model_dir.name)
-    if not _inside(model_dir, root):
-        model.problem = "its folder leads outside the repository"
+    why = _outside(model_dir, root)
+    if why:
+        model.problem = f"its folder {why}"
         return model
     versions, problem = _versions(model_dir, root, where)
     model.problem = _check_config(model_dir, root) or problem
@@ -99,26 +110,33 @@ def scan_model(repository: Path, model_dir: Path) -> RepositoryModel:
     return model
 
 
-def scan_repository(repository: Path) -> dict[str, RepositoryModel]:
-    """Every model folder of the repository (a folder holding a config.pbtxt or a version folder), by name.
-    Hidden folders (a leading '.', as .git) are not models."""
+def model_folders(repository: Path) -> list[Path]:
+    """The repository's model folders (a folder holding a config.pbtxt or a version folder), their names
+    not yet checked. Hidden folders (a leading '.', as .git) are not models."""
     if not repository.is_dir():
         raise UserError(f"{printable(repository)}: no model repository there")
-    found: dict[str, RepositoryModel] = {}
     try:
         folders = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as exc:
         raise UserError(f"{printable(repository)}: cannot read the repository ({exc.strerror})") from None
+    found = []
     for model_dir in folders:
         try:
             is_model = (model_dir / TRITON_CONFIG).exists() or any(
                 is_version(v.name) or (v.name.isnumeric() and v.is_dir()) for v in model_dir.iterdir()
             )
         except OSError:
-            is_model = True  # unreadable: reported as that model's problem below
-        if not is_model:
-            continue
-        # its folder's name becomes the served name, in URLs: the one rule of names.py
+            is_model = True  # unreadable: reported as that model's problem by scan_model
+        if is_model:
+            found.append(model_dir)
+    return found
+
+
+def scan_repository(repository: Path) -> dict[str, RepositoryModel]:
+    """Every model folder of the repository, scanned, by name; a folder whose name breaks the rule of
+    names.py (it becomes the served name, in URLs) refuses the whole repository."""
+    found: dict[str, RepositoryModel] = {}
+    for model_dir in model_folders(repository):
         name = check_name(model_dir.name, f"{printable(repository)}: the folder")
         try:
             found[name] = scan_model(repository, model_dir)

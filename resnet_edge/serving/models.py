@@ -24,7 +24,7 @@ from resnet_edge.core.contract import TRITON_MODEL_FILE
 from resnet_edge.core.errors import UserError
 from resnet_edge.core.names import check_name, is_name, printable, shown
 from resnet_edge.core.providers import is_cpu_provider
-from resnet_edge.core.repository import RepositoryModel, scan_model, scan_repository
+from resnet_edge.core.repository import RepositoryModel, model_folders, scan_model, scan_repository
 from resnet_edge.inference.variants import default_model
 from resnet_edge.serving.batcher import DynamicBatcher, RowBudget
 from resnet_edge.serving.loading import model_metadata, open_session, triton_model_config
@@ -306,12 +306,13 @@ def check_control(model_control: str, parameters: Any) -> None:
 
 
 def names_on_disk(repository: Path | None) -> list[str]:
-    """The repository's model folders now (a folder added since start shows in the index); [] on error."""
+    """The names of the repository's model folders now (a folder added since start shows in the index;
+    one whose name breaks the rule of names.py cannot be served and is left out); [] on error."""
     if repository is None:
         return []
     try:
-        return list(scan_repository(repository))
-    except UserError:
+        return [p.name for p in model_folders(repository) if is_name(p.name)]
+    except (UserError, OSError):
         return []
 
 

@@ -120,14 +120,27 @@ class Histogram:
     that one thread). prometheus_client's own Histogram takes a lock per bucket and per sum and cost
     about 10 % of the binary protocol's req/s here (benchmarks/results/cpu/serve_metrics_cost/)."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum", "writes")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+        self.writes = 0  # odd while an observation is half made (a sequence lock for snapshot)
 
     def observe(self, value: float) -> None:
+        self.writes += 1
         self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket whose le >= value
         self.sum += value
+        self.writes += 1
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """Bucket counts and sum of the same observations, read from another thread (a scrape): copied
+        again while an observation was being made, so _sum never runs ahead of _count."""
+        while True:
+            before = self.writes
+            counts, total = list(self.counts), self.sum
+            if before % 2 == 0 and self.writes == before:
+                return counts, total
+            time.sleep(0)  # let the event loop's thread finish its observation
 
 
 # name -> (help, label names, buckets) of the per-model histograms
@@ -203,7 +216,7 @@ class Metrics:
             family = HistogramMetricFamily(name, documentation, labels=label_names)
             les = [*map(floatToGoString, bounds), "+Inf"]
             for values, histogram in list(self.histograms[name].items()):
-                counts, total, cumulative = list(histogram.counts), histogram.sum, 0
+                (counts, total), cumulative = histogram.snapshot(), 0
                 buckets = []
                 for le, count in zip(les, counts, strict=True):
                     cumulative += count
