@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -186,6 +187,7 @@ def format_us(seconds: float = 1.0) -> dict[str, float]:
             length = fields.get(b"Inference-Header-Content-Length")
             bodies.setdefault(mode, []).append((body, length.decode() if length else None))
     request_class = messages()["ModelInferRequest"]
+    served = types.SimpleNamespace(name="m", version="1")  # what grpc_infer_response reads of a served model
 
     def http(mode: str, i: int) -> None:
         body, length = bodies[mode][i % 64]
@@ -193,7 +195,7 @@ def format_us(seconds: float = 1.0) -> dict[str, float]:
 
     def grpc(i: int, wire=grpc_requests("m", images)) -> None:
         parsed = grpc_infer_request(request_class.FromString(wire[i % 64]))
-        grpc_infer_response("m", parsed, logits).SerializeToString()
+        grpc_infer_response(served, parsed, logits).SerializeToString()
 
     out = {}
     for mode, fn in (("json", lambda i: http("json", i)), ("binary", lambda i: http("binary", i)), ("grpc", grpc)):
@@ -247,7 +249,7 @@ def markdown(report: dict) -> str:
               "CPU estimate if `serve`'s shared work cost nothing |", "| --- | --- | ---: | ---: | ---: |"]
     for mode, x in b.items():
         measured = (f"{x['measured']:.2f}x ({', '.join(f'{v:.2f}' for v in x['per_round'])})" if x["measured"] is not None
-                    else "(serve has no such method)")
+                    else "(not measured here: serve_peers.py --modes stream)")
         lines.append(f"| {mode} | {measured} | {x['floor_plus_inference_us']:.0f} | {x['at_most']:.2f}x | "
                      f"{x['estimate_without_shared_work']:.2f}x |")
     lines += ["", f"At most: {m['logical_cores']} cores / (floor + inference), over json's median req/s; a mode below "
