@@ -347,3 +347,29 @@ def test_the_row_limit_is_the_servers_not_each_models():
         return await batcher.infer(np.zeros((rows, 1, 28, 28), np.float32))
 
     asyncio.run(main())
+
+
+def test_a_model_folder_linked_out_of_the_repository_is_never_listed(tmp_path, monkeypatch):
+    """A model folder that is a symlink out of the repository is reported, and nothing outside is read:
+    not its files, not even its listing."""
+    from pathlib import Path
+
+    from resnet_edge.core.repository import scan_repository
+
+    repo = tmp_path / "repo"
+    _folder(repo, "a", {"1": 1})
+    elsewhere = tmp_path / "elsewhere"
+    digit_model(elsewhere / "1" / "model.onnx", 7)
+    os.symlink(elsewhere, repo / "linked")
+    listed = []
+    iterdir = Path.iterdir
+
+    def recording_iterdir(self):
+        listed.append(self.resolve())
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", recording_iterdir)
+    found = scan_repository(repo)
+    assert found["linked"].problem == "its folder leads outside the repository" and not found["linked"].versions
+    assert found["a"].problem is None
+    assert not [p for p in listed if not p.is_relative_to(repo.resolve())], listed

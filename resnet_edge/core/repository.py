@@ -40,6 +40,8 @@ def _outside(path: Path, root: Path) -> str | None:
             resolved = path.resolve(strict=True)
         except FileNotFoundError:  # a dangling link: judged by where it points
             resolved = path.resolve()
+    except RecursionError:  # a RuntimeError too: a chain of links too long to follow
+        return "cannot be resolved (too many links)"
     except RuntimeError:  # Python before 3.13 reports a symlink loop so
         return "is a symlink loop"
     except OSError as exc:
@@ -119,8 +121,11 @@ def model_folders(repository: Path) -> list[Path]:
         folders = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as exc:
         raise UserError(f"{printable(repository)}: cannot read the repository ({exc.strerror})") from None
-    found = []
+    found, root = [], repository.resolve()
     for model_dir in folders:
+        if _outside(model_dir, root):  # a link out: a model that cannot load (scan_model says why), never listed
+            found.append(model_dir)
+            continue
         try:
             is_model = (model_dir / TRITON_CONFIG).exists() or any(
                 is_version(v.name) or (v.name.isnumeric() and v.is_dir()) for v in model_dir.iterdir()
