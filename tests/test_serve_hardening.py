@@ -389,10 +389,10 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
         running = asyncio.ensure_future(batcher.infer(row))
         await until(lambda: session.running == 1, "the first batch to run")  # held there: the next one queues
         gone = asyncio.ensure_future(batcher.infer(row))
-        await until(lambda: batcher.rows_held == 2, "the second row to be queued")
+        await until(lambda: batcher.budget.held == 2, "the second row to be queued")
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)  # its caller has gone
-        counted_after_cancel = batcher.rows_held
+        counted_after_cancel = batcher.budget.held
         try:
             await batcher.infer(row)
             third = "accepted"
@@ -400,9 +400,9 @@ def test_a_caller_that_goes_away_keeps_its_rows_counted_until_the_batcher_drops_
             third = "busy"
         session.gate.set()
         await running
-        await until(lambda: batcher.rows_held == 0, "the cancelled row to be dropped once an instance is free")
+        await until(lambda: batcher.budget.held == 0, "the cancelled row to be dropped once an instance is free")
         after = await batcher.infer(row)
-        left = batcher.rows_held
+        left = batcher.budget.held
         await batcher.stop()
         return counted_after_cancel, third, after.shape, left
 

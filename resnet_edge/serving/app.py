@@ -22,8 +22,6 @@ from resnet_edge.serving.models import LOADING, ServedModel, start_repository
 from resnet_edge.serving.routes import add_routes
 from resnet_edge.serving.state import ServerState
 
-__all__ = ["check_batching", "create_app", "model_metadata", "triton_model_config"]
-
 log = logging.getLogger(__name__)
 
 

@@ -102,10 +102,9 @@ async def infer_response(
     started, timing = time.perf_counter_ns(), [0]
     protocol = "binary" if headers.get(HEADER_LENGTH.lower()) is not None else "json"
     try:
-        model = state.models.lookup(name, version)
+        counted = state.models.lookup(name, version)
     except RequestError as exc:  # no model of ours: counted by no model's statistics
         return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
-    recorder = model.recorder
     try:
         # held from here to the answer: an unload or a reload lets this request finish (models.py)
         with state.models.serving(name, version) as model:
@@ -116,11 +115,9 @@ async def infer_response(
                     encode_http_response, model.name, model.version, parsed, logits, size=logits.nbytes * 8
                 )
     except RequestError as exc:
-        if recorder is not None:
-            recorder.request_done(protocol, exc.status, started, timing[0])
+        counted.request_done(protocol, exc.status, started, timing[0])
         return exc.status, json.dumps({"error": str(exc)}).encode(), [JSON_TYPE]
-    if recorder is not None:
-        recorder.request_done(protocol, 200, started, timing[0])
+    counted.request_done(protocol, 200, started, timing[0])
     if header_length is None:
         return 200, body, [JSON_TYPE]
     return (

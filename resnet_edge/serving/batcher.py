@@ -92,10 +92,10 @@ class DynamicBatcher:
         self.failure: BaseException | None = None  # what killed it, when a running batch did
         self.served = Served()
         self.callers_waiting = 0  # requests whose caller still awaits its answer (queued or in a running batch)
-        self.budget = budget or RowBudget(max_queue)  # the server's rows held, every batcher together
-        self.rows_held = 0  # rows queued, gathering or running: counted against max_queue until they leave the
-        #                     batcher (a caller that went away leaves its rows counted until they are dropped, so
-        #                     /stats can show rows held with no caller waiting)
+        # the server's rows held, every batcher together: rows queued, gathering or running count against
+        # --max-queue until they leave the batcher (a caller that went away leaves its rows counted until they
+        # are dropped, so /stats can show rows held with no caller waiting)
+        self.budget = budget or RowBudget(max_queue)
         self.gathering: list[_Job] = []  # the jobs of the batch being gathered
         self.next_first: _Job | None = None  # taken from the queue, did not fit: starts the next batch
         self.running: dict[asyncio.Task, list[_Job]] = {}  # batches handed to ONNX Runtime
@@ -155,8 +155,7 @@ class DynamicBatcher:
             self.queue.put_nowait(_Job(pixels[start : start + self.max_batch_size], future, now))
             futures.append(future)
         self.callers_waiting += 1
-        self.budget.held += n
-        self.rows_held += n  # given back as each part leaves the batcher, not when the caller leaves
+        self.budget.held += n  # given back as each part leaves the batcher, not when the caller leaves
         try:
             parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         finally:
@@ -267,9 +266,7 @@ class DynamicBatcher:
     def _release(self, jobs: list[_Job]) -> None:
         """Rows that left the batcher (answered, failed or dropped) stop counting against --max-queue. A
         caller that goes away leaves its rows queued until the batcher drops them, so they count till then."""
-        rows = sum(len(j.pixels) for j in jobs)
-        self.rows_held -= rows
-        self.budget.held -= rows
+        self.budget.held -= sum(len(j.pixels) for j in jobs)
 
     def _batch_done(self, task: asyncio.Task) -> None:
         jobs = self.running.pop(task, [])

@@ -371,5 +371,5 @@ async def infer_parsed(
 
 def record(served: list[Any], code: int, started: int, timing: list[int]) -> None:
     """One request of the model in ``served`` (none: not counted) answered with ``code``."""
-    if served and served[0].recorder is not None:
-        served[0].recorder.request_done("grpc", code, started, timing[0])
+    if served:
+        served[0].request_done("grpc", code, started, timing[0])

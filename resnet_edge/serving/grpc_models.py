@@ -25,10 +25,7 @@ async def model_ready(front: Any, cls: Any, context: Any) -> Any:
 
 async def model_metadata(front: Any, cls: Any, context: Any) -> Any:
     request = await front.request(cls, context)
-    model = front.state.models.lookup(request.name, _version(request.version))
-    meta = model.metadata
-    if not meta:
-        raise model.not_ready()
+    meta = front.state.models.described(request.name, _version(request.version)).metadata
     response = messages()["ModelMetadataResponse"](
         name=meta["name"], versions=meta["versions"], platform=meta["platform"]
     )
@@ -43,9 +40,7 @@ async def model_config(front: Any, cls: Any, context: Any) -> Any:
     from google.protobuf import json_format
 
     request = await front.request(cls, context)
-    model = front.state.models.lookup(request.name, _version(request.version))
-    if not model.model_config:
-        raise model.not_ready()
+    model = front.state.models.described(request.name, _version(request.version))
     response = messages()["ModelConfigResponse"]()
     json_format.ParseDict(model.model_config, response.config)
     return response
@@ -56,9 +51,8 @@ async def model_statistics(front: Any, cls: Any, context: Any) -> Any:
     from google.protobuf import json_format
 
     request = await front.request(cls, context)
-    chosen = front.state.models.chosen(request.name, request.version)
     response = messages()["ModelStatisticsResponse"]()
-    stats = [m.recorder.statistics.triton_json() for m in chosen if m.recorder is not None]
+    stats = front.state.models.statistics(request.name, request.version)
     json_format.ParseDict({"model_stats": stats}, response)
     return response
 

@@ -124,6 +124,12 @@ class ServedModel:
         finally:
             timing[0] += time.perf_counter_ns() - started
 
+    def request_done(self, protocol: str, code: int, started_ns: int, batcher_ns: int) -> None:
+        """One request for this version answered with ``code``: counted by its statistics and metrics (a
+        version that never loaded has none)."""
+        if self.recorder is not None:
+            self.recorder.request_done(protocol, code, started_ns, batcher_ns)
+
     def not_ready(self) -> RequestError:
         what = f"model {self.name!r} version {self.version}"
         if self.state == UNAVAILABLE and not self.failed:
@@ -175,6 +181,14 @@ class ModelTable:
             raise model.not_ready()
         return model
 
+    def described(self, name: str, version: str | None = None) -> ServedModel:
+        """The model whose metadata and configuration a URL asks for: looked up, and loaded (whatever its
+        readiness); else its not-ready error (an unloaded model has nothing to describe)."""
+        model = self.lookup(name, version)
+        if not model.metadata:
+            raise model.not_ready()
+        return model
+
     def predict_model(self, name: str | None, version: str | None) -> ServedModel:
         if name is None and self.default is None:
             raise RequestError(404, "no model to answer with; give ?model=<name>")
@@ -195,6 +209,10 @@ class ModelTable:
         if not version:
             return list(self.models[self.lookup(name).name].values())
         return [self.lookup(name, version)]
+
+    def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's model_stats of what ``chosen`` names."""
+        return [m.recorder.statistics.triton_json() for m in self.chosen(name, version) if m.recorder is not None]
 
     @property
     def rows_waiting(self) -> int:

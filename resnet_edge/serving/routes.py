@@ -134,10 +134,7 @@ def add_health_routes(app: Any, state: ServerState) -> None:
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def metadata(name: str, version: str | None = None) -> dict[str, Any]:
-        model = models.lookup(name, version)
-        if not model.metadata:
-            raise model.not_ready()
-        return model.metadata
+        return models.described(name, version).metadata
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
@@ -153,14 +150,13 @@ def add_stats_route(app: Any, state: ServerState) -> None:
     models = state.models
 
     async def stats_response(name: str | None, version: str | None) -> dict[str, Any]:
-        chosen = models.chosen(name, version)
+        stats = models.statistics(name, version)
         server = {
             "pending_bytes": state.pending_bytes,
             "pending_requests": models.rows_waiting,
             "pending_rows": models.budget.held,
             **await state.work(_memory_report, state.config.provider),
         }
-        stats = [m.recorder.statistics.triton_json() for m in chosen if m.recorder is not None]
         return {"model_stats": stats, "server": server}
 
     @app.get("/v2/models/stats")
@@ -175,10 +171,7 @@ def add_stats_route(app: Any, state: ServerState) -> None:
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str | None = None) -> dict[str, Any]:
-        model = models.lookup(name, version)
-        if not model.model_config:
-            raise model.not_ready()
-        return model.model_config
+        return models.described(name, version).model_config
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -232,11 +225,9 @@ def add_inference_routes(app: Any, state: ServerState) -> None:
                     pixels = await state.work(image_pixels, raw, request.headers.get("content-type", ""))
                     logits = await served.infer(pixels, timing)
         except RequestError as exc:
-            if served.recorder is not None:
-                served.recorder.request_done("predict", exc.status, started, timing[0])
+            served.request_done("predict", exc.status, started, timing[0])
             raise
-        if served.recorder is not None:
-            served.recorder.request_done("predict", 200, started, timing[0])
+        served.request_done("predict", 200, started, timing[0])
         return digit_prediction(logits[0])
 
 
