@@ -27,6 +27,9 @@ ALLOWED = {
 }
 TORCH_AT_MODULE_LEVEL = {"training", "export"}
 MAX_MODULE_LINES = 400
+# Loose modules kept at an old import path, each an alias of the module that moved (with a
+# DeprecationWarning): old path -> new home.
+DEPRECATED_ALIASES = {"proto": "resnet_edge.serving.proto"}
 MAX_FUNCTION_LINES = 60
 
 
@@ -55,7 +58,26 @@ def test_the_tree_has_its_rooms():
     rooms = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
     assert rooms == set(ALLOWED), rooms
     loose = {p.name for p in PACKAGE.glob("*.py")} - {"__init__.py", "__main__.py"}
-    assert not loose, f"modules outside a subpackage: {loose}"
+    assert loose == {f"{name}.py" for name in DEPRECATED_ALIASES}, f"modules outside a subpackage: {loose}"
+
+
+@pytest.mark.parametrize("old", sorted(DEPRECATED_ALIASES))
+def test_a_deprecated_alias_is_the_moved_module_and_warns(old):
+    """`from resnet_edge.<old> import ...` (what a client program written before the rooms does) gets the
+    very module that moved, and a DeprecationWarning naming the new home; the alias holds no code."""
+    new = DEPRECATED_ALIASES[old]
+    code = (
+        "import importlib, warnings\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    old = importlib.import_module('resnet_edge.{old}')\n"
+        f"assert old is importlib.import_module('{new}'), old\n"
+        f"assert [str(w.message) for w in seen if w.category is DeprecationWarning and '{new}' in str(w.message)], "
+        "[str(w.message) for w in seen]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    body = ast.parse((PACKAGE / f"{old}.py").read_text()).body
+    assert not [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 @pytest.mark.parametrize("room", sorted(ALLOWED))
