@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_loadgen import MODES, free_port, launch, line, machine_line, run_load, save_report, stop  # noqa: E402
+from serve_loadgen import ALL_MODES, MODES, free_port, launch, line, machine_line, run_load, save_report, stop  # noqa: E402
 
 from resnet_edge.core.machine import machine  # noqa: E402
 
@@ -125,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     settings = dict(s.split("=", 1) if "=" in s else (s, "") for s in args.setting or ["default="])
     modes = args.modes.split(",")
-    if not set(modes) <= set(MODES) or not 0 < args.slice <= 60 or args.rounds < 1 or not 1 <= args.clients <= 512:
+    if not set(modes) <= set(ALL_MODES) or not 0 < args.slice <= 60 or args.rounds < 1 or not 1 <= args.clients <= 512:
         raise SystemExit("--modes from json,binary,grpc; --slice up to 60 s; --rounds >= 1; --clients 1-512")
     names = list(settings)
     cells: dict[tuple, list[dict]] = {(s, m): [] for s in names for m in modes}
@@ -133,7 +133,7 @@ def main() -> None:
         started: dict[str, tuple] = {}
         try:
             for name in names:
-                started[name] = start(name, settings[name], args.model, Path(tmp))
+                started[name] = start(name, settings[name], args.model.resolve(), Path(tmp))  # servers run in tmp
             for r in range(args.rounds):
                 for name, (proc, http, grpc) in started.items():
                     for mode in modes:
