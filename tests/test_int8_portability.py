@@ -115,8 +115,12 @@ def test_predict_and_serve_refuse_a_saturating_model_on_a_cpu_without_vnni(vnni_
     from PIL import Image
 
     import resnet_edge.core.machine as machine
+    import resnet_edge.inference.variants as variants
 
-    monkeypatch.setattr(machine, "cpu_info", lambda *a: AVX2_ONLY)
+    # the CPU as every caller sees it: variants.py holds its own name for cpu_info (patching machine's
+    # alone passed only on CPUs without VNNI, where the real probe refuses too)
+    for module in (machine, variants):
+        monkeypatch.setattr(module, "cpu_info", lambda *a: AVX2_ONLY)
     png = tmp_path / "digit.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
     assert "needs int8 dot-product instructions" in error_line(["predict", png, "--model", vnni_model])
