@@ -117,9 +117,13 @@ def test_calibration_methods(trained_run, tmp_path, method, mnist):
 
     run, _, _ = trained_run
     out = tmp_path / "model.int8.onnx"
+    # entropy at export's own --calibration-size (512): its KL search over histograms of 64 images agreed on
+    # 94.9 % of the test images with the fixture's model as trained on an AVX-512 VNNI EPYC (it had passed on
+    # the AVX2 EPYC); with 512 it passes there too
+    size = QuantizationConfig().calibration_size if method == "entropy" else 64
     result = quantize_model(run / "model.onnx", out, mnist.train_images, to_pixels(mnist.test_images[:1000]),
                             mnist.test_labels[:1000].astype(np.int64),
-                            QuantizationConfig(method=method, calibration_size=64, max_accuracy_drop=100,
+                            QuantizationConfig(method=method, calibration_size=size, max_accuracy_drop=100,
                                               min_agreement=0, search=False))
     # without the search the model written is this method's own (with it, it may be another candidate)
     assert result.calibration.split()[0] == method and [c["calibration"] for c in result.candidates] == [
