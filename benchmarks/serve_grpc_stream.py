@@ -141,8 +141,14 @@ def one_cell(cell: str, args, http: int, grpc_port: int, pid: int) -> dict:
     return out
 
 
-def cpu_slug(cpu: str | None) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", (cpu or "unknown-cpu").lower()).strip("-")
+def cpu_slug(m: dict) -> str:
+    """The CPU's name and its int8 instruction level, for a file name: two CPUs that /proc/cpuinfo names
+    alike (a hypervisor's "AMD EPYC" with AVX2 only, another with AVX-512 VNNI) never share a report."""
+    isa = m.get("isa") or {}
+    level = next((tag for tag, flags in (("amx", ("amx_int8",)), ("vnni", ("avx512_vnni", "avx_vnni")),
+                                          ("avx512", ("avx512f",)), ("avx2", ("avx2",)))
+                  if any(isa.get(f) for f in flags)), m.get("arch") or "")
+    return re.sub(r"[^a-z0-9]+", "-", f"{m.get('cpu') or 'unknown-cpu'} {level}".lower()).strip("-")
 
 
 def markdown(report: dict) -> str:
@@ -245,7 +251,7 @@ def main() -> None:
               "settings": {"model": str(args.model), "clients": args.clients, "window": args.window,
                            "seconds": args.seconds, "repeats": args.repeats, "others_max_cpu_s": OTHERS_MAX},
               "cells": cells, "raw": rounds, "disturbed_rounds": disturbed}
-    save_report(args.out, f"serve_grpc_stream-{cpu_slug(m.get('cpu'))}", report, markdown(report))
+    save_report(args.out, f"serve_grpc_stream-{cpu_slug(m)}", report, markdown(report))
     print(markdown(report))
 
 if __name__ == "__main__":
