@@ -13,10 +13,11 @@ Every cell runs --repeats rounds, interleaved (round by round), so a change in t
 every cell alike; medians reported, with the server's CPU seconds per request. On a shared machine a round
 starts only once the CPUs have been idle for 3 s, and counts only if no other process used OTHERS_MAX CPU
 seconds during any of its cells (a disturbed round is set aside, kept in the report, and run again). The
-CPU model (from /proc/cpuinfo) names the result file.
+CPU model (from /proc/cpuinfo) and its int8 instruction level (amx, vnni, avx512, avx2; dotprod on ARM)
+name the result file.
 
     python benchmarks/serve_grpc_stream.py --model exported/resnet8/model.int8.onnx
-    # -> benchmarks/results/cpu/serve_grpc_stream-<cpu>.json and .md
+    # -> benchmarks/results/cpu/serve_grpc_stream-<cpu>-<level>.json and .md
 """
 
 from __future__ import annotations
@@ -143,10 +144,11 @@ def one_cell(cell: str, args, http: int, grpc_port: int, pid: int) -> dict:
 
 def cpu_slug(m: dict) -> str:
     """The CPU's name and its int8 instruction level, for a file name: two CPUs that /proc/cpuinfo names
-    alike (a hypervisor's "AMD EPYC" with AVX2 only, another with AVX-512 VNNI) never share a report."""
+    alike (a hypervisor's "AMD EPYC" with AVX2 only, another with AVX-512 VNNI) get a report each; two with
+    the same name and level still share one."""
     isa = m.get("isa") or {}
     level = next((tag for tag, flags in (("amx", ("amx_int8",)), ("vnni", ("avx512_vnni", "avx_vnni")),
-                                          ("avx512", ("avx512f",)), ("avx2", ("avx2",)))
+                                          ("avx512", ("avx512f",)), ("avx2", ("avx2",)), ("dotprod", ("asimddp",)))
                   if any(isa.get(f) for f in flags)), m.get("arch") or "")
     return re.sub(r"[^a-z0-9]+", "-", f"{m.get('cpu') or 'unknown-cpu'} {level}".lower()).strip("-")
 

@@ -173,19 +173,21 @@ def start(server: str, model: Path, workdir: Path, args: argparse.Namespace, pee
     return launch(cmd, log, http, env=env, cwd=workdir), http, grpc
 
 
-def start_retrying(server: str, model: Path, workdir: Path, args: argparse.Namespace, peers: dict,
-                   failures: dict) -> tuple:
-    """start(), tried up to START_TRIES times: PyTriton's model sometimes fails its handshake at load
-    ("Model initialize error ... ConnectionRefusedError" from its handshake socket; 1 start in about 7 on a
-    2-core AMD EPYC). Each failed start is counted in ``failures`` (the report keeps the count and the end
-    of the log), so a flaky start costs a retry, not the whole run."""
+def start_retrying(
+    server: str, model: Path, workdir: Path, args: argparse.Namespace, peers: dict, failures: dict
+) -> tuple:
+    """start(), tried up to START_TRIES times when the server exits while starting: PyTriton's model sometimes
+    fails its handshake at load ("Model initialize error ... ConnectionRefusedError" from its handshake
+    socket; once in six starts on a 2-core AMD EPYC). Each failed start is counted in ``failures`` (the
+    report keeps the count and the end of the log), so a flaky start costs a retry, not the whole run. A
+    server that stays up and never gets ready is not tried again (wait_ready has waited two minutes)."""
     for attempt in range(1, START_TRIES + 1):
         try:
             return start(server, model, workdir, args, peers)
         except SystemExit as exc:
             failures.setdefault(server, []).append(str(exc)[-300:])
             print(f"{server} did not start (try {attempt} of {START_TRIES}): {str(exc)[-200:]}", flush=True)
-            if attempt == START_TRIES:
+            if attempt == START_TRIES or not str(exc).startswith("server exited"):
                 raise
     raise AssertionError("unreachable")
 
@@ -445,6 +447,8 @@ def markdown(report: dict) -> str:
         + "\n".join(cpu_story(report))
         + "\n"
     )
+    if report.get("stopped_early"):
+        text += f"\n**Fewer repeats than asked**: the run stopped {report['stopped_early']!r}\n"
     for server, why in report.get("failed_starts", {}).items():
         text += f"\n{server} failed to start {len(why)} time(s) and was started again; its log ended: {why[-1]!r}\n"
     return text
@@ -515,12 +519,20 @@ def main() -> None:
     }
     cells: dict[tuple, list[dict]] = {}
     failures: dict[str, list[str]] = {}  # failed starts, by server
+    stopped_early = None  # why the repeats ended before --repeats (a server that would not start)
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             started = {}  # every server up at once (idle while another is measured), cells interleaved:
             try:  # a drift in the machine's speed hits both sides of a comparison alike
-                for server in servers:
-                    started[server] = start_retrying(server, args.model.resolve(), Path(tmp), args, peers, failures)
+                try:
+                    for server in servers:
+                        started[server] = start_retrying(server, args.model.resolve(), Path(tmp), args, peers, failures)
+                except SystemExit as exc:
+                    if not cells:
+                        raise
+                    print(f"stopped before repeat {repeat + 1}, the repeats done are reported: {exc}", flush=True)
+                    stopped_early = f"before repeat {repeat + 1}: {str(exc)[-300:]}"
+                    break
                 for clients in levels:  # at each level, every protocol on every server, one after another
                     for mode in modes:
                         for server, (proc, http, grpc) in started.items():
@@ -563,6 +575,7 @@ def main() -> None:
         "server_args": args.server_args,
         "runs": runs,
         "failed_starts": failures,
+        "stopped_early": stopped_early,
         "machine": machine(gpu=False),
         "triton": {
             "server": f"nvidia-pytriton {args.pytriton_version} (its bundled tritonserver, Python backend; "

@@ -4,7 +4,7 @@ slices that alternate between them.
 
 Each --setting is NAME=SERVE-OPTIONS (e.g. "threads1=--threads 1"; "default=" for serve's defaults;
 every server also gets --max-batch-size 64 and --max-pending-bytes 1 GiB so that gRPC admits all the
-clients). In each round every setting runs every mode (json, binary, grpc; serve_loadgen's closed-loop
+clients). In each round every setting runs every mode (json, binary, grpc, or the stream; serve_loadgen's closed-loop
 clients, one image per request) for --slice seconds after a short warm-up, one slice after another. On
 a shared machine whose speed drifts by tens of percent over minutes, slices of a second or two that
 alternate many times see the same machine; ratios are taken within each round (a setting's binary
@@ -126,7 +126,7 @@ def main() -> None:
     settings = dict(s.split("=", 1) if "=" in s else (s, "") for s in args.setting or ["default="])
     modes = args.modes.split(",")
     if not set(modes) <= set(ALL_MODES) or not 0 < args.slice <= 60 or args.rounds < 1 or not 1 <= args.clients <= 512:
-        raise SystemExit("--modes from json,binary,grpc; --slice up to 60 s; --rounds >= 1; --clients 1-512")
+        raise SystemExit("--modes from json,binary,grpc,stream; --slice up to 60 s; --rounds >= 1; --clients 1-512")
     names = list(settings)
     cells: dict[tuple, list[dict]] = {(s, m): [] for s in names for m in modes}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,3 +29,28 @@ def test_serve_costs_format_work_runs_on_the_current_serving_code():
     serve_costs = importlib.import_module("serve_costs")
     costs = serve_costs.format_us(seconds=0.01)
     assert set(costs) == {"json", "binary", "grpc"} and all(v > 0 for v in costs.values())
+
+
+def test_serve_peers_starts_a_server_that_exited_again_but_not_one_that_never_got_ready(monkeypatch):
+    """A peer that exits while starting (PyTriton's flaky handshake) is started again, each failure kept
+    for the report; one that stays up and never gets ready is not waited for twice."""
+    serve_peers = importlib.import_module("serve_peers")
+    outcomes = [SystemExit("server exited: handshake"), SystemExit("server exited: again"), ("proc", 1, 2)]
+    monkeypatch.setattr(serve_peers, "start", lambda *a: _next(outcomes))
+    failures: dict = {}
+    assert serve_peers.start_retrying("triton", Path("m"), Path("."), None, {}, failures) == ("proc", 1, 2)
+    assert [why.split(":")[1].strip() for why in failures["triton"]] == ["handshake", "again"]
+    outcomes[:] = [SystemExit("server exited: 1")] * serve_peers.START_TRIES
+    with pytest.raises(SystemExit, match="server exited"):
+        serve_peers.start_retrying("triton", Path("m"), Path("."), None, {}, {})
+    outcomes[:] = [SystemExit("server did not become ready: log"), ("proc", 1, 2)]
+    with pytest.raises(SystemExit, match="did not become ready"):
+        serve_peers.start_retrying("triton", Path("m"), Path("."), None, {}, {})
+    assert outcomes == [("proc", 1, 2)], "a server that never got ready was started again"
+
+
+def _next(outcomes: list):
+    outcome = outcomes.pop(0)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
