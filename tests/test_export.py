@@ -99,6 +99,28 @@ def test_accuracy_guard_fails_clearly_when_int8_cannot_hold(tmp_path, trained_ru
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_export_refused_by_the_guard_says_the_run_keeps_what_it_had(tmp_path, trained_run, monkeypatch):
+    """`export --quantize` is all or nothing: when INT8 cannot hold the guard no FP32 model is written
+    either, so the one error line says so and how to get the FP32 model alone; the earlier export stays."""
+    import shutil
+
+    import resnet_edge.export.quantize as quantize
+
+    run, _, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+
+    def refuse(*args, **kwargs):
+        raise AccuracyGuardError("INT8 loses 0.13 points of test accuracy ...; no INT8 model was written")
+
+    monkeypatch.setattr(quantize, "export_int8", refuse)
+    line = error_line(["export", "--run", copy, "--quantize", "--quiet"])
+    assert "no INT8 model was written" in line and "the run keeps what it had" in line
+    assert "export` without --quantize writes the FP32 model alone" in line
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
 def test_accuracy_guard_keeps_the_worst_layers_float(tmp_path, trained_run, monkeypatch):
     """The fully quantized model is made to miss the guard on the test set: the next round keeps the
     worst-quantized tensors in float, is measured for real, and its model is the one written."""

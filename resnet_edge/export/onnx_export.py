@@ -272,12 +272,19 @@ def _export_to(
     settings = {"opset": opset, "batchnorm_folded": True, "quantize": quantize, "fp16": fp16}
     report = _report(run_dir, ckpt, meta, fp32_path, parity, settings)
     if quantize:
+        from resnet_edge.export.int8_search import AccuracyGuardError
         from resnet_edge.export.quantize import export_int8
 
         qconfig = qconfig or QuantizationConfig()
-        q, report["int8"] = export_int8(
-            fp32_path, stage / INT8_MODEL, run_dir, dataset, (test_pixels, test_labels), qconfig, progress, meta
-        )
+        try:
+            q, report["int8"] = export_int8(
+                fp32_path, stage / INT8_MODEL, run_dir, dataset, (test_pixels, test_labels), qconfig, progress, meta
+            )
+        except AccuracyGuardError as exc:  # the export is all or nothing: say what the run holds now
+            raise AccuracyGuardError(
+                f"{exc}; nothing else of this export was written either (the run keeps what it had): "
+                "`resnet-edge export` without --quantize writes the FP32 model alone"
+            ) from None
         report["fp32"].update(test_accuracy=q.fp32_accuracy, images_per_second=q.fp32_images_per_second)
         report["settings"]["quantization"] = {
             **asdict(qconfig),
