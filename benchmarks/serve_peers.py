@@ -56,7 +56,7 @@ from serve_loadgen import ALL_MODES, free_port, launch, line, machine_line, run_
 
 from resnet_edge.core.machine import machine  # noqa: E402
 
-START_TRIES = 3  # a server that fails to start is tried again, at most this many times in all
+START_TRIES = 3  # a server that exits while starting is started again, at most this many times in all
 RUNTIME = '''
 import numpy as np
 import onnxruntime as ort
@@ -450,7 +450,10 @@ def markdown(report: dict) -> str:
     if report.get("stopped_early"):
         text += f"\n**Fewer repeats than asked**: the run stopped {report['stopped_early']!r}\n"
     for server, why in report.get("failed_starts", {}).items():
-        text += f"\n{server} failed to start {len(why)} time(s) and was started again; its log ended: {why[-1]!r}\n"
+        text += (
+            f"\n{server} failed to start {len(why)} time(s) (tried up to {START_TRIES} times a repeat); "
+            f"its log ended: {why[-1]!r}\n"
+        )
     return text
 
 

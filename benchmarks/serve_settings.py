@@ -16,6 +16,12 @@ median slice's p99, rows per ONNX Runtime call (from /stats), and CPU microsecon
     python benchmarks/serve_settings.py --model exported/resnet8/model.int8.onnx \\
         --setting default= --setting "threads1=--threads 1" --setting "instances2=--instances 2" \\
         --modes json,binary --rounds 20 --out benchmarks/results/cpu/serve_settings
+
+--checkout NAME=DIR runs setting NAME with another checkout's serve code (e.g. a `git worktree` holding a
+change), for an A/B of a change to the hot path under the same alternating slices:
+
+    python benchmarks/serve_settings.py --model exported/resnet8/model.int8.onnx --setting shipped= \\
+        --setting variant= --checkout variant=/tmp/variant --modes stream --rounds 10 --slice 5
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,12 +45,15 @@ from resnet_edge.core.machine import machine  # noqa: E402
 BASE_ARGS = ["--max-batch-size", "64", "--max-pending-bytes", str(2**30)]
 
 
-def start(name: str, options: str, model: Path, workdir: Path) -> tuple[subprocess.Popen, int, int]:
+def start(name: str, options: str, model: Path, workdir: Path, checkout: Path | None = None
+          ) -> tuple[subprocess.Popen, int, int]:
+    """serve with ``options``; with ``checkout``, that checkout's resnet_edge/ (first on PYTHONPATH)."""
     http, grpc = free_port(), free_port()
     log = workdir / f"{name}.log"
     cmd = [sys.executable, "-m", "resnet_edge", "serve", "--model", str(model), "--model-name", "m", "--port", str(http),
            "--grpc-port", str(grpc), *BASE_ARGS, *options.split()]
-    return launch(cmd, log, http, cwd=workdir), http, grpc
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
+    return launch(cmd, log, http, cwd=workdir, env=env), http, grpc
 
 
 def batch_counts(http: int) -> tuple[int, int]:
@@ -82,12 +92,17 @@ def ratios(cells: dict[tuple, list[dict]], names: list[str], modes: list[str]) -
     return out
 
 
+def _code_of(report: dict, setting: str) -> str:
+    checkout = report.get("checkouts", {}).get(setting)
+    return f", the code of {checkout}" if checkout else ""
+
+
 def markdown(report: dict) -> str:
     rows = ["| setting | serve options | mode | req/s | p99 ms (median slice) | rows per batch | CPU us/request: server | "
             "its event loop | client | errors |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in report["cells"]:
         x = c["result"]
-        rows.append(f"| {c['setting']} | `{report['settings'][c['setting']] or '(defaults)'}` | {c['mode']} | "
+        rows.append(f"| {c['setting']} | `{report['settings'][c['setting']] or '(defaults)'}`{_code_of(report, c['setting'])} | {c['mode']} | "
                     f"{x['requests_per_second']:,.0f} | {x['median_slice_p99_ms'] or 0:.1f} | {x['rows_per_batch']:.1f} | "
                     f"{x['server_cpu_us'] or 0:.0f} | {x['loop_cpu_us'] or 0:.0f} | {x['client_cpu_us'] or 0:.0f} | {x['errors']} |")
     loop_rows = "".join(
@@ -116,6 +131,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--setting", action="append", default=[], help="NAME=SERVE-OPTIONS; repeat (the first is the baseline)")
+    ap.add_argument("--checkout", action="append", default=[],
+                    help="NAME=DIR: setting NAME runs the serve code of the checkout DIR (a change tried before keeping it)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--slice", type=float, default=1.5, help="seconds a slice measures")
@@ -128,12 +145,16 @@ def main() -> None:
     if not set(modes) <= set(ALL_MODES) or not 0 < args.slice <= 60 or args.rounds < 1 or not 1 <= args.clients <= 512:
         raise SystemExit("--modes from json,binary,grpc,stream; --slice up to 60 s; --rounds >= 1; --clients 1-512")
     names = list(settings)
+    checkouts = {n: Path(d).resolve() for n, d in (c.split("=", 1) for c in args.checkout if "=" in c)}
+    if len(checkouts) != len(args.checkout) or not set(checkouts) <= set(names) or not all(
+            (d / "resnet_edge").is_dir() for d in checkouts.values()):
+        raise SystemExit("--checkout NAME=DIR: NAME one of the --setting names, DIR a checkout holding resnet_edge/")
     cells: dict[tuple, list[dict]] = {(s, m): [] for s in names for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         started: dict[str, tuple] = {}
         try:
             for name in names:
-                started[name] = start(name, settings[name], args.model.resolve(), Path(tmp))  # servers run in tmp
+                started[name] = start(name, settings[name], args.model.resolve(), Path(tmp), checkouts.get(name))
             for r in range(args.rounds):
                 for name, (proc, http, grpc) in started.items():
                     for mode in modes:
@@ -146,7 +167,8 @@ def main() -> None:
                         print(line(f"[{r + 1}/{args.rounds}] {name} {mode}", result), flush=True)
         finally:
             stop([proc for proc, _, _ in started.values()])
-    report = {"model": str(args.model), "settings": settings, "modes": modes, "clients": args.clients,
+    report = {"model": str(args.model), "settings": settings, "checkouts": {n: str(d) for n, d in checkouts.items()},
+              "modes": modes, "clients": args.clients,
               "slice_s": args.slice, "warmup_s": args.warmup, "rounds": args.rounds, "machine": machine(gpu=False),
               "cells": [{"setting": s, "mode": m, "result": summarize_cell(cells[(s, m)])} for s in names for m in modes],
               "ratios": ratios(cells, names, modes),

@@ -54,3 +54,16 @@ def _next(outcomes: list):
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+@pytest.mark.parametrize("checkout", ["variant=/nonexistent", "other=.", "variant"])
+def test_serve_settings_refuses_a_checkout_it_cannot_run(monkeypatch, checkout):
+    """--checkout NAME=DIR names one of the settings and a checkout holding resnet_edge/, before any server starts."""
+    import sys
+
+    serve_settings = importlib.import_module("serve_settings")
+    monkeypatch.setattr(serve_settings, "start", lambda *a: pytest.fail("a server was started"))
+    monkeypatch.setattr(sys, "argv", ["serve_settings.py", "--model", "m.onnx", "--setting", "shipped=",
+                                      "--setting", "variant=", "--checkout", checkout])
+    with pytest.raises(SystemExit, match="--checkout NAME=DIR"):
+        serve_settings.main()
